@@ -1,0 +1,1 @@
+"""Fused multi-step neuron kernels (see ``kernels.fused``)."""

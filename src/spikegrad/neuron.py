@@ -1,0 +1,178 @@
+"""Multi-step spiking neurons: LIF, IF, PLIF and the functional ``lif_multistep``.
+
+Every neuron takes the whole sequence ``x_seq: [T, B, ...]`` and returns the whole
+spike sequence ``[T, B, ...]``; nothing is kept on the module between calls, so
+there is no ``reset()`` to forget. An initial membrane ``v_init: [B, ...]`` may be
+passed and the final membrane returned with ``return_state=True``.
+
+Dynamics (METHODS.md), for t = 0..T-1, from ``v = v_init`` (default ``v_reset``, or
+0 for a soft reset), with ``d = 1/tau`` and ``r = v_reset`` (0 for a soft reset):
+
+    decay_input=False:  h[t] = v + d (r - v) + x[t]
+    decay_input=True:   h[t] = v + d (x[t] - (v - r))
+    s[t] = Θ(h[t] - v_threshold)
+    hard reset:         v = h (1 - s) + v_reset s
+    soft reset:         v = h - v_threshold s          (v_reset=None)
+
+Backends: ``"torch"`` (reference: autograd through a plain loop), ``"eager"``
+(one autograd node per layer: a forward loop that saves only ``h``, and a backward
+that evaluates the surrogate derivative on all of ``[T, N]`` at once, then runs one
+reverse-time scan; see ``kernels.fused``) and ``"fused"`` (the same two functions
+compiled by ``torch.compile``: the fast path on CPU and GPU). ``"auto"`` is
+``$SPIKEGRAD_BACKEND`` when set, else ``"fused"``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import surrogate as sg
+from .kernels import fused
+
+__all__ = ["lif_multistep", "LIF", "IF", "PLIF", "BaseNeuron", "BACKENDS", "default_backend"]
+
+BACKENDS = ("auto", "torch", "eager", "fused")
+
+
+def default_backend() -> str:
+    """What ``backend="auto"`` means: ``$SPIKEGRAD_BACKEND`` if set, else ``"fused"``."""
+    name = os.environ.get("SPIKEGRAD_BACKEND", "fused")
+    if name not in BACKENDS[1:]:
+        raise ValueError(f"SPIKEGRAD_BACKEND must be one of {', '.join(BACKENDS[1:])}, got {name!r}")
+    return name
+
+
+def _check(x_seq: Tensor, tau: float | None, v_threshold: float, backend: str) -> None:
+    if not isinstance(x_seq, Tensor) or x_seq.dim() < 2:
+        shape = tuple(x_seq.shape) if isinstance(x_seq, Tensor) else type(x_seq).__name__
+        raise ValueError(f"x_seq must be a tensor [T, B, ...] with a leading time dimension, got {shape}")
+    if tau is not None and not (isinstance(tau, (int, float)) and tau >= 1):
+        raise ValueError(f"tau must be >= 1 (a leak of at most 1 per step), got {tau}")
+    if not v_threshold > 0:
+        raise ValueError(f"v_threshold must be positive, got {v_threshold}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+
+
+def _reference(x_seq: Tensor, v: Tensor, decay: Tensor | float, decay_input: bool,
+               v_threshold: float, v_reset: float | None, detach_reset: bool,
+               surrogate: sg.Surrogate) -> tuple[Tensor, Tensor]:
+    """Autograd through a plain loop over T: the definition every backend is tested against."""
+    rest = 0.0 if v_reset is None else v_reset
+    spikes = []
+    for x in x_seq.unbind(0):
+        h = fused.charge(v, x, decay, rest, decay_input)
+        s = surrogate(h - v_threshold)
+        v = fused.reset(h, s.detach() if detach_reset else s, v_threshold, v_reset)
+        spikes.append(s)
+    return torch.stack(spikes), v
+
+
+def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2.0,
+                  decay_input: bool = False, v_threshold: float = 1.0,
+                  v_reset: float | None = 0.0, detach_reset: bool = False,
+                  surrogate: sg.Surrogate | None = None, backend: str = "auto",
+                  return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Run a LIF neuron over ``x_seq: [T, B, ...]``; returns spikes ``[T, B, ...]``.
+
+    ``tau >= 1``; ``math.inf`` gives IF (no leak). With ``return_state=True`` returns ``(spikes, v_final)``, ``v_final: [B, ...]``.
+    """
+    _check(x_seq, tau, v_threshold, backend)
+    return _run(x_seq, v_init, 1.0 / tau, decay_input, v_threshold, v_reset, detach_reset,
+                surrogate or sg.ATan(), backend, return_state)
+
+
+def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
+         v_threshold: float, v_reset: float | None, detach_reset: bool,
+         surrogate: sg.Surrogate, backend: str, return_state: bool):
+    if v_init is None:
+        v_init = torch.full_like(x_seq[0], 0.0 if v_reset is None else v_reset)
+    elif v_init.shape != x_seq.shape[1:]:
+        raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
+                         f"got {tuple(v_init.shape)}")
+    backend = default_backend() if backend == "auto" else backend
+    if backend == "torch":
+        spikes, v = _reference(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
+                               detach_reset, surrogate)
+    else:
+        spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
+                              detach_reset, surrogate, compiled=backend == "fused")
+    return (spikes, v) if return_state else spikes
+
+
+class BaseNeuron(nn.Module):
+    """Common options of the multi-step neurons (see the module docstring)."""
+
+    def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
+                 decay_input: bool = False, detach_reset: bool = False,
+                 surrogate: sg.Surrogate | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if not (isinstance(v_threshold, (int, float)) and v_threshold > 0):
+            raise ValueError(f"v_threshold must be a positive number, got {v_threshold!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.v_threshold = float(v_threshold)
+        self.v_reset = None if v_reset is None else float(v_reset)
+        self.decay_input = decay_input
+        self.detach_reset = detach_reset
+        self.surrogate = surrogate if surrogate is not None else sg.ATan()
+        self.backend = backend
+
+    def decay(self) -> Tensor | float:
+        """The per-step leak ``1/tau`` (0 for IF)."""
+        raise NotImplementedError
+
+    def forward(self, x_seq: Tensor, v_init: Tensor | None = None,
+                return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """``x_seq: [T, B, ...]`` -> spikes ``[T, B, ...]`` (and ``v_final: [B, ...]``)."""
+        _check(x_seq, None, self.v_threshold, self.backend)
+        return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold,
+                    self.v_reset, self.detach_reset, self.surrogate, self.backend, return_state)
+
+    def extra_repr(self) -> str:
+        return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, "
+                f"decay_input={self.decay_input}, detach_reset={self.detach_reset}, "
+                f"backend={self.backend!r}")
+
+
+class LIF(BaseNeuron):
+    """Leaky integrate-and-fire neuron with a fixed time constant ``tau >= 1``."""
+
+    def __init__(self, tau: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not (isinstance(tau, (int, float)) and tau >= 1):
+            raise ValueError(f"tau must be a number >= 1, got {tau!r}")
+        self.tau = float(tau)
+
+    def decay(self) -> float:
+        return 1.0 / self.tau
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, " + super().extra_repr()
+
+
+class IF(BaseNeuron):
+    """Integrate-and-fire neuron: LIF without leak."""
+
+    def decay(self) -> float:
+        return 0.0
+
+
+class PLIF(BaseNeuron):
+    """Parametric LIF: ``1/tau = sigmoid(w)`` with one learnable scalar ``w`` per layer."""
+
+    def __init__(self, init_tau: float = 2.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not (isinstance(init_tau, (int, float)) and init_tau > 1):
+            raise ValueError(f"init_tau must be a number > 1, got {init_tau!r}")
+        self.w = nn.Parameter(torch.tensor(-math.log(init_tau - 1.0)))
+
+    def decay(self) -> Tensor:
+        return torch.sigmoid(self.w)
+
+    def extra_repr(self) -> str:
+        return f"tau={1.0 / float(torch.sigmoid(self.w.detach())):.4f}, " + super().extra_repr()
