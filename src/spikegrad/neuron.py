@@ -64,9 +64,10 @@ def _reference(x_seq: Tensor, v: Tensor, decay: Tensor | float, decay_input: boo
     """Autograd through a plain loop over T: the definition every backend is tested against."""
     rest = 0.0 if v_reset is None else v_reset
     spikes = []
-    for x in x_seq.unbind(0):
+    spike = surrogate.stepper(x_seq.shape)
+    for t, x in enumerate(x_seq.unbind(0)):
         h = fused.charge(v, x, decay, rest, decay_input)
-        s = surrogate(h - v_threshold)
+        s = spike(h - v_threshold, t)
         v = fused.reset(h, s.detach() if detach_reset else s, v_threshold, v_reset)
         spikes.append(s)
     return torch.stack(spikes), v

@@ -53,6 +53,26 @@ class _SpikeFunction(torch.autograd.Function):
         return grad_out * ctx.surrogate.backward_grad(x), None
 
 
+class _SequenceMaskedSpike(torch.autograd.Function):
+    """Θ(x[t]) forward for one step of a sequence; backward masks with that step's slice
+    of one ``[T, ...]`` mask, drawn at the first backward call, so that a per-step loop
+    consumes the generator exactly as a fused kernel drawing the whole mask does."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, msg: "MSG", shared: dict, t: int) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.msg, ctx.shared, ctx.t = msg, shared, t
+        return msg.activation(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        (x,) = ctx.saved_tensors
+        shared = ctx.shared
+        if "mask" not in shared:
+            shared["mask"] = ctx.msg.mask(x.new_empty(shared["shape"]))
+        return grad_out * ctx.msg.base.backward_grad(x) * shared["mask"][ctx.t], None, None, None
+
+
 class Surrogate(nn.Module):
     """Base class. Subclasses define ``grad(x)`` and, where one exists, ``primitive(x)``.
 
@@ -83,6 +103,10 @@ class Surrogate(nn.Module):
     def backward_grad(self, x: Tensor) -> Tensor:
         """What back-propagation multiplies the incoming gradient by (``grad`` unless masked)."""
         return self.grad(x)
+
+    def stepper(self, seq_shape: torch.Size) -> Callable[[Tensor, int], Tensor]:
+        """``spike(x_t, t)`` for a loop over the T steps of a ``seq_shape`` sequence."""
+        return lambda x, t: self(x)
 
     def split_mask(self, x: Tensor) -> tuple["Surrogate", Tensor | None]:
         """``(s, mask)`` with ``backward_grad(x) == s.grad(x) * mask`` (mask None: unmasked).
@@ -313,6 +337,10 @@ class MSG(Surrogate):
 
     def split_mask(self, x: Tensor) -> tuple[Surrogate, Tensor]:
         return self.base, self.mask(x)
+
+    def stepper(self, seq_shape: torch.Size) -> Callable[[Tensor, int], Tensor]:
+        shared: dict = {"shape": seq_shape}
+        return lambda x, t: _SequenceMaskedSpike.apply(x, self, shared, t)
 
     def config(self) -> dict:
         return {"name": "msg", "p": self.p, "rescale": self.rescale, "seed": self.seed,
