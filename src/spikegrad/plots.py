@@ -1,0 +1,237 @@
+"""Figures of a run, drawn from its ``metrics.jsonl`` (DESIGN.md, "Precise contract").
+
+``plot_run(run_dir)`` writes ``run_dir/plots/``: ``curves.png`` (accuracy, loss, and the
+balance coefficient lambda when logged), ``grad_norms.png`` (per-layer gradient norm, shallow to
+deep, one line per epoch, and its ratio to the last layer's: the gradient-vanishing diagnosis)
+and ``firing_rates.png``. ``plot_compare`` puts several runs side by side (vanilla, shortcut,
+evolutionary). Figures are drawn on ``matplotlib.figure.Figure`` with the Agg renderer: no
+pyplot, no global backend switch, safe in a training process.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+__all__ = ["read_metrics", "plot_run", "plot_compare"]
+
+GRAD = "grad_norm/"
+RATE = "firing_rate/"
+MAX_NAMED_LAYERS = 24  # beyond this the layer axis shows indices, not names
+PathLike = str | os.PathLike
+Records = list[dict[str, Any]]  # metrics.jsonl records, one dict per line
+
+
+def read_metrics(path: PathLike) -> Records:
+    """The records of a ``metrics.jsonl``, one dict per line, in file order.
+
+    Blank lines are skipped, and so is a truncated last line (a run killed mid-write); any
+    other unreadable line raises ``ValueError`` naming the file and the line.
+    """
+    lines = Path(path).read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}: line {number} is not JSON ({err.msg})") from None
+    return records
+
+
+def _epochs(run_dir: PathLike) -> Records:
+    """A run's epoch records sorted by epoch; of a repeated epoch (a resumed run), the last."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics file (is {run_dir} a spikegrad run?)")
+    by_epoch = {r["epoch"]: r for r in read_metrics(path) if r.get("kind") == "epoch"}
+    if not by_epoch:
+        raise ValueError(f"{path}: no epoch records yet, nothing to plot")
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _series(epochs: Records, prefix: str) -> tuple[list[str], np.ndarray]:
+    """Layer names under ``prefix`` (logged order) and values ``[epochs, layers]``, NaN if absent."""
+    names = list(dict.fromkeys(k[len(prefix):] for r in epochs for k in r if k.startswith(prefix)))
+    values = [[r.get(prefix + name, np.nan) for name in names] for r in epochs]
+    return names, np.array(values, dtype=float).reshape(len(epochs), len(names))
+
+
+def _column(epochs: Records, key: str) -> np.ndarray:
+    """``key`` of each epoch record, NaN where absent: shape ``[epochs]``."""
+    return np.array([r.get(key, np.nan) for r in epochs], dtype=float)
+
+
+def _logged(record: dict[str, Any], prefix: str) -> bool:
+    """True when ``record`` holds a per-layer value under ``prefix``."""
+    return any(k.startswith(prefix) for k in record)
+
+
+def _has(epochs: Records, key: str) -> bool:
+    """True when some record holds ``key``."""
+    return any(key in r for r in epochs)
+
+
+def _positive(values: np.ndarray) -> np.ndarray:
+    """``values`` with non-positive entries as NaN, for a log axis."""
+    return np.where(values > 0, values, np.nan)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (creating its directory); returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_accuracy(ax: Axes, epochs: Records, label: str = "", color: Any = None) -> None:
+    """Train (dashed) and test (solid) accuracy against epoch."""
+    x = _column(epochs, "epoch")
+    prefix = f"{label} " if label else ""
+    for key, style in (("test_acc", "-"), ("train_acc", "--")):
+        if _has(epochs, key):
+            ax.plot(x, _column(epochs, key), style, marker="o", markersize=3, color=color,
+                    label=f"{prefix}{key.replace('_acc', '')}")
+    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _plot_curves(epochs: Records, path: Path) -> Path:
+    """Accuracy | train loss with lambda on a twin axis."""
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    acc, loss = fig.subplots(1, 2)
+    _plot_accuracy(acc, epochs)
+    x = _column(epochs, "epoch")
+    lines = loss.plot(x, _column(epochs, "train_loss"), marker="o", markersize=3,
+                      label="train loss")
+    loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    loss.grid(alpha=0.3)
+    if _has(epochs, "lambda"):
+        twin = loss.twinx()
+        lines += twin.plot(x, _column(epochs, "lambda"), "--", color="tab:red", marker="s",
+                           markersize=3, label="\u03bb (branch weight)")
+        twin.set_ylabel("\u03bb")
+    loss.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    return _save(fig, path)
+
+
+def _layer_line(ax: Axes, norms: np.ndarray, ratio: bool, **style: Any) -> None:
+    """One line of per-layer norms ``[layers]``; with ``ratio``, divided by the last layer's."""
+    ax.plot(_positive(norms / norms[-1] if ratio else norms), marker=".", **style)
+
+
+def _layer_axes(ax: Axes, names: list[str], ratio: bool) -> None:
+    """Log y, layers on x (named when few enough), titles of the absolute or ``ratio`` panel."""
+    ax.set_yscale("log")
+    ax.set_xlabel("layer (shallow \u2192 deep)")
+    if len(names) <= MAX_NAMED_LAYERS:
+        ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    if ratio:
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set(ylabel="norm / last layer's norm", title="Relative to the last layer")
+    else:
+        ax.set(ylabel="\u2016\u2207W\u2016\u2082", title="Gradient norm per layer")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _plot_grad_norms(epochs: Records, path: Path) -> Path:
+    """Per-layer gradient norms, one line per epoch coloured by epoch: absolute | relative."""
+    names, norms = _series(epochs, GRAD)
+    x = _column(epochs, "epoch")
+    scale = Normalize(x.min(), x.max() if x.max() > x.min() else x.min() + 1)
+    fig = Figure(figsize=(12, 4.5), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, ratio in zip(axes, (False, True)):
+        for row, color in zip(norms, colormaps["viridis"](scale(x))):
+            _layer_line(ax, row, ratio, color=color, linewidth=1)
+        _layer_axes(ax, names, ratio)
+    fig.colorbar(ScalarMappable(scale, "viridis"), ax=axes, label="epoch",
+                 ticks=MaxNLocator(integer=True))
+    return _save(fig, path)
+
+
+def _plot_firing_rates(epoch: dict[str, Any], path: Path) -> Path:
+    """Bars of one epoch record's per-layer firing rates."""
+    names, rates = _series([epoch], RATE)
+    fig = Figure(figsize=(max(6, 0.3 * len(names) + 2), 4), layout="constrained")
+    ax = fig.subplots()
+    ax.bar(range(len(names)), rates[0], color="tab:blue")
+    ax.set(ylabel="spikes / neuron / step", xlabel="neuron layer (shallow \u2192 deep)",
+           title=f"Firing rate per layer (epoch {epoch['epoch']})")
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def plot_run(run_dir: PathLike) -> list[Path]:
+    """Draw a run's figures into ``run_dir/plots/``; returns the paths written.
+
+    ``curves.png`` always; ``grad_norms.png`` when the run logged ``grad_norm/<layer>``;
+    ``firing_rates.png`` (from the last epoch that logged ``firing_rate/<layer>``) when it did.
+    Raises ``FileNotFoundError`` without a ``metrics.jsonl``, ``ValueError`` without epoch records.
+    """
+    epochs = _epochs(run_dir)
+    out = Path(run_dir) / "plots"
+    written = [_plot_curves(epochs, out / "curves.png")]
+    if any(_logged(r, GRAD) for r in epochs):
+        written.append(_plot_grad_norms(epochs, out / "grad_norms.png"))
+    rated = [r for r in epochs if _logged(r, RATE)]
+    if rated:
+        written.append(_plot_firing_rates(rated[-1], out / "firing_rates.png"))
+    return written
+
+
+def _labelled(run_dirs: Mapping[str, PathLike] | Sequence[PathLike]) -> dict[str, Path]:
+    """``{label: run directory}``; a plain sequence is labelled by the directories' names."""
+    if isinstance(run_dirs, Mapping):
+        return {label: Path(d) for label, d in run_dirs.items()}
+    return {Path(d).name: Path(d) for d in run_dirs}
+
+
+def plot_compare(run_dirs: Mapping[str, PathLike] | Sequence[PathLike], out_path: PathLike) -> Path:
+    """Runs side by side in one PNG: accuracy | per-layer gradient norms | ratio to the last layer.
+
+    ``run_dirs``: ``{label: run directory}``, or directories labelled by their names. Gradient
+    norms are drawn for each run's first (solid) and last (dotted) epoch. Returns ``out_path``.
+    """
+    runs = {label: _epochs(d) for label, d in _labelled(run_dirs).items()}
+    fig = Figure(figsize=(16, 4.5), layout="constrained")
+    acc, *panels = fig.subplots(1, 3)
+    palette = colormaps["tab10"].colors
+    widest: list[str] = []
+    for i, (label, epochs) in enumerate(runs.items()):
+        color = palette[i % len(palette)]
+        _plot_accuracy(acc, epochs, label, color)
+        widest = max(widest, _first_and_last_norms(panels, label, epochs, color), key=len)
+    for ax, ratio in zip(panels, (False, True)):
+        _layer_axes(ax, widest, ratio)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    return _save(fig, Path(out_path))
+
+
+def _first_and_last_norms(panels: Sequence[Axes], label: str, epochs: Records,
+                          color: Any) -> list[str]:
+    """Draw one run's first (solid) and last (dotted) epoch norms on the absolute and ratio
+    panels; returns its layer names (empty if it logged no gradient norms)."""
+    names, norms = _series(epochs, GRAD)
+    if not names:
+        return names
+    for i, style in zip(dict.fromkeys([0, len(epochs) - 1]), ("-", ":")):
+        for ax, ratio in zip(panels, (False, True)):
+            _layer_line(ax, norms[i], ratio, color=color, linestyle=style,
+                        label=f"{label} epoch {epochs[i]['epoch']}")
+    return names
