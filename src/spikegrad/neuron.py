@@ -90,6 +90,7 @@ def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2
 def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
          v_threshold: float, v_reset: float | None, detach_reset: bool,
          surrogate: sg.Surrogate, backend: str, return_state: bool):
+    decay_input = decay_input and not (isinstance(decay, float) and decay == 0.0)  # IF: no leak
     if v_init is None:
         v_init = torch.full_like(x_seq[0], 0.0 if v_reset is None else v_reset)
     elif v_init.shape != x_seq.shape[1:]:
@@ -157,7 +158,11 @@ class LIF(BaseNeuron):
 
 
 class IF(BaseNeuron):
-    """Integrate-and-fire neuron: LIF without leak."""
+    """Integrate-and-fire neuron: LIF without leak (``decay_input`` does not apply)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.decay_input = False
 
     def decay(self) -> float:
         return 0.0

@@ -1,0 +1,229 @@
+"""Building blocks of spiking networks: time flattening, encoders, neurons, conv stacks, heads.
+
+Time is the leading dimension: spiking tensors are ``[T, B, ...]``. Stateless layers
+(conv, BN, pooling) run once on ``[T*B, ...]`` through ``SeqToANN``; only neurons
+see the time axis. Linear layers act on the last dimension, so they take ``[T, B, C]``
+as they are.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .neuron import IF, LIF, PLIF, BaseNeuron
+from .surrogate import Surrogate
+
+__all__ = [
+    "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
+    "NEURON_DEFAULTS", "NEURON_TYPES", "neuron_config", "make_neuron", "ClampReLU",
+    "neuron_layers", "conv_bn", "AvgPool2x2", "spiking_conv_stack", "Head",
+]
+
+
+def flatten_time(x: Tensor) -> Tensor:
+    """``[T, B, ...]`` -> ``[T*B, ...]`` (a view when ``x`` allows it)."""
+    return x.flatten(0, 1)
+
+
+def unflatten_time(x: Tensor, T: int) -> Tensor:
+    """``[T*B, ...]`` -> ``[T, B, ...]``."""
+    return x.unflatten(0, (T, -1))
+
+
+class SeqToANN(nn.Sequential):
+    """Stateless modules run once on the flattened sequence: ``[T, B, ...]`` -> ``[T, B, ...']``.
+
+    Takes what ``nn.Sequential`` takes (modules, or one ``OrderedDict`` of named ones),
+    so its ``state_dict`` keys are those of the wrapped modules.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [T, B, ...]`` -> the modules applied to ``[T*B, ...]``, reshaped to ``[T, B, ...']``."""
+        return unflatten_time(super().forward(flatten_time(x)), x.shape[0])
+
+
+class _Encoder(nn.Module):
+    """Static images ``[B, C, H, W]`` -> ``[T, B, C, H, W]``; event data ``[T, B, C, H, W]`` passes."""
+
+    def __init__(self, T: int) -> None:
+        super().__init__()
+        if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+            raise ValueError(f"T must be a positive integer, got {T!r}")
+        self.T = T
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> encoded ``[T, B, C, H, W]``; ``[T, B, C, H, W]`` is returned as is."""
+        if x.dim() == 5:
+            if x.shape[0] != self.T:
+                raise ValueError(f"event input has {x.shape[0]} time steps, the model expects T={self.T} "
+                                 f"(shape {tuple(x.shape)})")
+            return x
+        if x.dim() != 4:
+            raise ValueError(f"input must be [B, C, H, W] (static) or [T, B, C, H, W] (events), "
+                             f"got shape {tuple(x.shape)}")
+        return self.encode(x)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[T, B, C, H, W]``."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+
+
+class DirectEncoder(_Encoder):
+    """Direct (analog) encoding: the same image at every step, as a stride-0 view (no copy)."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x.unsqueeze(0).expand(self.T, *x.shape)
+
+
+class PoissonEncoder(_Encoder):
+    """Rate encoding: ``s[t] ~ Bernoulli(x)`` independently per step; ``x`` must lie in [0, 1].
+
+    Draws from the global torch generator, so ``torch.manual_seed`` makes it repeatable.
+    """
+
+    def encode(self, x: Tensor) -> Tensor:
+        low, high = torch.aminmax(x)
+        if low < 0 or high > 1:
+            raise ValueError(f"Poisson encoding needs inputs in [0, 1] (spike probabilities), got values "
+                             f"in [{float(low):.4g}, {float(high):.4g}]; do not normalise the images")
+        noise = torch.rand((self.T, *x.shape), dtype=x.dtype, device=x.device)
+        return (noise < x).to(x.dtype)
+
+
+ENCODERS: dict[str, type[_Encoder]] = {"direct": DirectEncoder, "poisson": PoissonEncoder}
+
+NEURON_DEFAULTS: dict[str, Any] = {
+    "type": "lif", "tau": 2.0, "v_threshold": 1.0, "v_reset": 0.0,
+    "decay_input": False, "detach_reset": False, "backend": "auto",
+}
+NEURON_TYPES = ("lif", "if", "plif", "relu", "clamp")
+
+
+def _type_defaults(kind: str, cfg: dict) -> dict[str, Any]:
+    """Keys only some neuron types take, with their defaults (PLIF's initial tau is ``tau``)."""
+    return {"plif": {"init_tau": cfg["tau"]}, "clamp": {"clamp_max": 2.0}}.get(kind, {})
+
+
+def neuron_config(cfg: dict | None = None) -> dict[str, Any]:
+    """``cfg`` over ``NEURON_DEFAULTS`` (and the type's own defaults), validated; a new dict.
+
+    Every type accepts the keys of ``NEURON_DEFAULTS`` (so switching ``type`` in a config
+    works; IF ignores ``tau`` and ``decay_input``, ``relu``/``clamp`` ignore all of them);
+    ``plif`` also takes ``init_tau`` (default: ``tau``), ``clamp`` takes ``clamp_max`` (2.0).
+    """
+    if cfg is not None and not isinstance(cfg, dict):
+        raise ValueError(f"neuron must be a dict like {NEURON_DEFAULTS}, got {cfg!r}")
+    merged = {**NEURON_DEFAULTS, **(cfg or {})}
+    kind = merged["type"]
+    if kind not in NEURON_TYPES:
+        raise ValueError(f"unknown neuron type {kind!r}; expected one of {', '.join(NEURON_TYPES)}")
+    extra = _type_defaults(kind, merged)
+    unknown = sorted(set(merged) - set(NEURON_DEFAULTS) - set(extra))
+    if unknown:
+        allowed = ", ".join([*NEURON_DEFAULTS, *extra])
+        raise ValueError(f"neuron type {kind!r}: unknown key(s) {', '.join(unknown)}; expected any of {allowed}")
+    return {**extra, **merged}
+
+
+class ClampReLU(nn.Module):
+    """The ANN twin's activation, elementwise on any shape (``[T, B, ...]`` too).
+
+    ``clamp_max=None``: ReLU; otherwise ReLU clamped to ``[0, clamp_max]``.
+    """
+
+    def __init__(self, clamp_max: float | None = None) -> None:
+        super().__init__()
+        if clamp_max is not None and not (isinstance(clamp_max, (int, float)) and clamp_max > 0):
+            raise ValueError(f"clamp_max must be a positive number, got {clamp_max!r}")
+        self.clamp_max = None if clamp_max is None else float(clamp_max)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` clamped to ``[0, clamp_max]`` (same shape)."""
+        return torch.clamp(x, min=0.0, max=self.clamp_max)
+
+    def extra_repr(self) -> str:
+        return f"clamp_max={self.clamp_max}"
+
+
+def make_neuron(neuron_cfg: dict | None, surrogate: Surrogate) -> nn.Module:
+    """A neuron module ``[T, B, ...] -> [T, B, ...]`` from a config dict (see ``neuron_config``).
+
+    Spiking types use ``surrogate`` itself (not a copy), so one object serves a whole model.
+    """
+    cfg = neuron_config(neuron_cfg)
+    kind = cfg["type"]
+    if kind in ("relu", "clamp"):
+        return ClampReLU(cfg.get("clamp_max"))
+    common = {"v_threshold": cfg["v_threshold"], "v_reset": cfg["v_reset"],
+              "detach_reset": cfg["detach_reset"], "surrogate": surrogate, "backend": cfg["backend"]}
+    if kind == "if":
+        return IF(decay_input=False, **common)
+    if kind == "plif":
+        return PLIF(init_tau=cfg["init_tau"], decay_input=cfg["decay_input"], **common)
+    return LIF(tau=cfg["tau"], decay_input=cfg["decay_input"], **common)
+
+
+def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every neuron (or ANN-twin activation) in ``model``, in registration order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, (BaseNeuron, ClampReLU))]
+
+
+def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+            norm: str = "bn") -> SeqToANN:
+    """``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H/stride, W/stride]``: a same-padded conv, then BN.
+
+    Children ``conv`` and ``bn``; with ``norm="none"`` only ``conv``, which then has a bias.
+    """
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none")
+    parts = [("conv", conv)] + ([("bn", nn.BatchNorm2d(out_channels))] if norm == "bn" else [])
+    return SeqToANN(OrderedDict(parts))
+
+
+class AvgPool2x2(nn.Module):
+    """2x2 average pooling of ``[N, C, H, W]``, skipped (identity) once a side is below 2."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, H//2, W//2]`` (or ``x`` when ``min(H, W) < 2``)."""
+        return x if min(x.shape[-2:]) < 2 else F.avg_pool2d(x, 2)
+
+
+def spiking_conv_stack(in_channels: int, widths: Sequence[int], neuron: Callable[[], nn.Module], *,
+                       norm: str = "bn", stride: int = 1, kernel_size: int = 3,
+                       pool: bool = False) -> nn.Sequential:
+    """``[pool ->] (conv -> BN -> neuron) x len(widths)``, the first conv with ``stride``.
+
+    ``[T, B, C_in, H, W]`` -> spikes ``[T, B, widths[-1], H', W']``. Children: ``pool``
+    (``AvgPool2x2``, when asked), then ``conv1``, ``sn1``, ``conv2``, ``sn2``, ...;
+    ``neuron()`` makes each new neuron.
+    """
+    parts: list[tuple[str, nn.Module]] = [("pool", SeqToANN(AvgPool2x2()))] if pool else []
+    for i, width in enumerate(widths, start=1):
+        parts.append((f"conv{i}", conv_bn(in_channels, width, kernel_size, stride if i == 1 else 1, norm)))
+        parts.append((f"sn{i}", neuron()))
+        in_channels = width
+    return nn.Sequential(OrderedDict(parts))
+
+
+class Head(nn.Module):
+    """Classifier: global average pooling over space, an optional hidden part, one linear layer.
+
+    ``[T, B, C, H, W]`` -> per-step logits ``[T, B, num_classes]``. ``hidden`` (if given)
+    maps ``[T, B, C]`` to ``[T, B, features]``; without it ``features`` is ``C``.
+    """
+
+    def __init__(self, features: int, num_classes: int, hidden: nn.Module | None = None) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [T, B, C, H, W]`` -> ``[T, B, num_classes]``."""
+        x = x.mean(dim=(-2, -1))
+        return self.fc(x if self.hidden is None else self.hidden(x))
