@@ -1,0 +1,63 @@
+"""Checkpoint files: written atomically, read only through ``weights_only=True``.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts. ``save`` writes
+a temporary file in the same folder, flushes and fsyncs it, then renames it over the
+target, so a run killed mid-write leaves the previous file whole.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "save", "load"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
+
+
+def save(obj: dict, path: str | Path) -> Path:
+    """Write ``obj`` to ``path`` atomically (temp file, flush, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """Read a checkpoint with ``weights_only=True``; ``kind`` checks its ``"kind"`` entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {str(path)!r} carries a pickled object payload; "
+                              "refusing to load it (only tensors and plain data are accepted)") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError):
+        raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted") from None
+    if not isinstance(obj, dict) or "kind" not in obj:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a spikegrad checkpoint")
+    if kind is not None and obj["kind"] != kind:
+        raise CheckpointError(f"checkpoint {str(path)!r} is a {obj['kind']!r} file, expected {kind!r}")
+    return obj

@@ -1,0 +1,141 @@
+"""``spikegrad train | eval | export | plot | bench``.
+
+Bad input (config, paths, datasets, checkpoints, shapes) ends in one line on stderr
+and exit code 2; nothing already written is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .train import Trainer
+
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume takes the run directory's own config; drop --config")
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml", args.set)
+        cfg.out, cfg.name = str(run_dir.parent), run_dir.name
+    else:
+        cfg = load_config(args.config, args.set)
+    summary = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite).fit()
+    print(f"final test accuracy {summary['final_acc']:.2f}% (best {summary['best_acc']:.2f}%)")
+    print(f"run directory: {summary['run_dir']}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import monitor
+    from .data import create_dataset, make_loader
+    from .train import evaluate, load_inference_model
+
+    model, objective, state = load_inference_model(args.checkpoint)
+    data = state.get("config", {}).get("data", {})
+    name = args.data or data.get("name", "fashion-mnist")
+    root = args.root if args.root is not None else (data.get("root") if not args.data else None)
+    T = state["model_kwargs"].get("T", 1)
+    dataset = create_dataset(name, root, "test", T=T, limit=args.limit)
+    loader = make_loader(dataset, args.batch_size, shuffle=False, seed=0, epoch=0)
+    device = torch.device("cpu")
+    with monitor.FiringRates(model) as rates:
+        result = evaluate(model, loader, objective, device)
+    with monitor.SynapticOps(model) as ops, torch.no_grad():
+        model(next(iter(loader))[0][:32])
+    summary = ops.summary()
+    print(f"test accuracy: {result['acc']:.2f}% on {len(dataset)} {name} images "
+          f"(loss {result['loss']:.4f})")
+    for layer, rate in rates.rates().items():
+        print(f"  firing rate {layer}: {rate:.4f}")
+    print(f"synaptic operations per sample: {summary['sops']:.4g} SOPs + {summary['macs']:.4g} MACs "
+          f"(ANN twin: {summary['ann_macs']:.4g} MACs)")
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from . import __version__, checkpoint
+    from .train import load_inference_model
+
+    out = Path(args.out)
+    if out.suffix != ".pt":
+        raise ValueError(f"export format is chosen by the suffix; expected .pt, got {out.name!r}")
+    model, objective, state = load_inference_model(args.checkpoint)
+    decoder = {"name": type(objective).__name__.lower().replace("ratece", "ce"), **objective.state_dict()}
+    checkpoint.save({"kind": "model", "version": __version__, "model_name": state["model_name"],
+                     "model_kwargs": state["model_kwargs"], "state_dict": model.state_dict(),
+                     "decoder": decoder}, out)
+    print(f"wrote {out} ({sum(p.numel() for p in model.parameters())} parameters)")
+
+
+def _cmd_plot(args: argparse.Namespace) -> None:
+    from . import plots
+
+    if len(args.run_dirs) == 1:
+        for path in plots.plot_run(args.run_dirs[0]):
+            print(f"wrote {path}")
+        return
+    out = Path(args.out or Path(args.run_dirs[0]).parent / "compare.png")
+    print(f"wrote {plots.plot_compare(args.run_dirs, out)}")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from . import bench
+
+    bench.main(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spikegrad", description="Train deep spiking neural "
+                                     "networks with surrogate gradients and shortcut back-propagation.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model (see configs/)")
+    train.add_argument("--config", help="YAML config file")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    train.add_argument("--overwrite", action="store_true", help="start an existing run afresh")
+    train.set_defaults(func=_cmd_train)
+    ev = sub.add_parser("eval", help="accuracy, firing rates and SOPs of a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", help="dataset name (default: the run's)")
+    ev.add_argument("--root", help="dataset folder")
+    ev.add_argument("--limit", type=int, help="evaluate on the first N test items")
+    ev.add_argument("--batch-size", type=int, default=500)
+    ev.set_defaults(func=_cmd_eval)
+    ex = sub.add_parser("export", help="write the inference-only model")
+    ex.add_argument("checkpoint")
+    ex.add_argument("out", help="output file (.pt)")
+    ex.set_defaults(func=_cmd_export)
+    pl = sub.add_parser("plot", help="draw a run's plots, or compare several runs")
+    pl.add_argument("run_dirs", nargs="+")
+    pl.add_argument("--out", help="comparison PNG (with several runs)")
+    pl.set_defaults(func=_cmd_plot)
+    be = sub.add_parser("bench", help="neuron throughput per backend, side by side with SpikingJelly")
+    be.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32])
+    be.add_argument("--repeats", type=int, default=20)
+    be.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``spikegrad`` console script."""
+    args = _parser().parse_args(argv)
+    from .train import TrainingError
+
+    try:
+        args.func(args)
+    except TrainingError as err:
+        print(f"spikegrad: {err}", file=sys.stderr)
+        sys.exit(1)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"spikegrad: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("spikegrad: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,337 @@
+"""The run configuration: one dataclass tree, loaded from YAML, overridden by ``--set``.
+
+    cfg = load_config("configs/default.yaml", ["epochs=1", "model.name=plain-20"])
+
+Every default lives here (and only here). Unknown keys get a did-you-mean, wrong
+types and out-of-range values one line naming the key and what was expected:
+all raise ``ConfigError`` (a ``ValueError``). ``--set`` values parse as YAML scalars;
+``--set method=ann`` is shorthand for ``method.name=ann`` (any table with a ``name``),
+``--set teacher=PATH`` for ``method.teacher=PATH``. Setting ``surrogate.name`` resets
+the other surrogate arguments unless they are set in the same call.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be run; the message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    """``create_model`` name and arguments (the channel count comes from the dataset)."""
+    name: str = "plain-8"
+    T: int = 4
+    encoding: str = "direct"
+    width: float = 1.0
+    norm: str = "bn"
+    stem: str = "auto"
+    sew: bool = False
+
+
+@dataclass
+class NeuronConfig:
+    """The spiking neuron of every layer (METHODS.md, "Spiking neurons")."""
+    type: str = "lif"
+    tau: float = 2.0
+    v_threshold: float = 1.0
+    v_reset: Optional[float] = 0.0
+    decay_input: bool = False
+    detach_reset: bool = False
+    backend: str = "auto"
+
+
+@dataclass
+class MethodConfig:
+    """vanilla | shortcut | evolutionary | ltl | ann, and each one's options."""
+    name: str = "evolutionary"
+    schedule: str = "linear"
+    combine: str = "logits"
+    lam: float = 1.0
+    step_epoch: Optional[int] = None
+    per_step: bool = False
+    attach: Optional[list] = None
+    teacher: Optional[str] = None
+    finetune_epochs: int = 0
+
+
+@dataclass
+class LossConfig:
+    """ce | tet | two; ``lam``/``phi`` are TET's, ``alpha``/``warmup``/``variant`` TWO's."""
+    name: str = "ce"
+    lam: float = 0.0
+    phi: float = 1.0
+    alpha: float = 0.3
+    warmup: int = 5
+    variant: str = "official"
+
+
+@dataclass
+class DataConfig:
+    """Dataset name and place; ``limit_*`` take the first N (class-balanced) items."""
+    name: str = "fashion-mnist"
+    root: Optional[str] = None
+    augment: bool = False
+    limit_train: Optional[int] = None
+    limit_test: Optional[int] = None
+    num_workers: int = 0
+    frames: str = "count"
+    size: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (cosine annealing over all steps, or none)."""
+    name: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-4
+    schedule: str = "cosine"
+    grad_clip: Optional[float] = None
+
+
+@dataclass
+class SurrogateScheduleConfig:
+    """auto: Dspike's temperature search for ``dspike``, the boundary schedule (after a
+    calibration when ``calibrate``) for ``adali``; none: keep the surrogate fixed."""
+    name: str = "auto"
+    delta: float = 0.2
+    eps: float = 1.0e-3
+    directions: int = 32
+    kind: str = "log"
+    calibrate: bool = True
+
+
+@dataclass
+class Config:
+    """A whole run. ``surrogate`` is the argument dict of ``surrogate.create``."""
+    name: str = "fmnist-evolutionary"
+    out: str = "runs"
+    seed: int = 0
+    device: str = "auto"
+    epochs: int = 2
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    amp: str = "none"
+    compile: bool = False
+    nan_policy: str = "stop"
+    log_every: int = 20
+    expected_accuracy: Optional[float] = None
+    expected_source: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    surrogate: dict = field(default_factory=lambda: {"name": "atan", "alpha": 2.0})
+    surrogate_schedule: SurrogateScheduleConfig = field(default_factory=SurrogateScheduleConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "amp": ("none", "bf16"),
+    "nan_policy": ("stop", "skip"),
+    "model.encoding": ("direct", "poisson"),
+    "model.norm": ("bn", "none"),
+    "model.stem": ("auto", "cifar", "imagenet"),
+    "neuron.type": ("lif", "if", "plif"),
+    "neuron.backend": ("auto", "torch", "eager", "fused"),
+    "method.name": ("vanilla", "shortcut", "evolutionary", "ltl", "ann"),
+    "method.schedule": ("constant", "linear", "cosine", "step"),
+    "method.combine": ("logits", "losses"),
+    "loss.name": ("ce", "tet", "two"),
+    "loss.variant": ("official", "paper"),
+    "data.frames": ("count", "time"),
+    "optim.name": ("sgd", "adam", "adamw"),
+    "optim.schedule": ("cosine", "none"),
+    "surrogate_schedule.name": ("auto", "none"),
+    "surrogate_schedule.kind": ("log", "linear", "sqrt"),
+}
+
+# key -> (lowest allowed, whether the bound is inclusive)
+MINIMUM = {
+    "epochs": (1, True), "batch_size": (1, True), "eval_batch_size": (1, True),
+    "log_every": (1, True), "model.T": (1, True), "model.width": (0, False),
+    "neuron.tau": (1, True), "neuron.v_threshold": (0, False), "optim.lr": (0, False),
+    "optim.momentum": (0, True), "optim.weight_decay": (0, True), "optim.grad_clip": (0, False),
+    "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),
+    "data.limit_train": (1, True), "data.limit_test": (1, True), "data.num_workers": (0, True),
+    "data.size": (1, True), "surrogate_schedule.directions": (1, True),
+    "surrogate_schedule.delta": (0, False), "surrogate_schedule.eps": (0, False),
+}
+
+ALIASES = {"teacher": "method.teacher"}
+
+
+def _sections(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    base = args[0] if args else tp
+    name = getattr(base, "__name__", str(base))
+    return f"{name} or null" if args else name
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (int widens to float), or ConfigError naming ``key``."""
+    optional = typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {key!r} must be of type {_type_name(tp)}, got null")
+    base = [a for a in typing.get_args(tp) if a is not type(None)][0] if optional else tp
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base in (int, float) and isinstance(value, bool) or not isinstance(value, base):
+        raise ConfigError(f"config key {key!r} must be of type {_type_name(tp)}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    section, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"; did you mean {(section + '.' if section else '') + close[0]!r}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (expected one of {', '.join(known)})")
+
+
+def _check_value(key: str, value: Any) -> None:
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in MINIMUM and value is not None:
+        low, inclusive = MINIMUM[key]
+        if value < low or (not inclusive and value == low):
+            relation = ">=" if inclusive else ">"
+            raise ConfigError(f"config key {key!r} must be {relation} {low}, got {value!r}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or 'root'!r} must be a mapping, "
+                          f"got {type(data).__name__}")
+    hints = _sections(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown(full, list(hints))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+            _check_value(full, kwargs[key])
+    return cls(**kwargs)
+
+
+def from_dict(data: dict) -> Config:
+    """A validated ``Config`` from a nested dict (missing keys take their defaults)."""
+    cfg = _build(Config, data)
+    _check_surrogate(cfg.surrogate)
+    return cfg
+
+
+def _check_surrogate(args: dict) -> None:
+    from . import surrogate as sg  # imports torch; kept out of module import time
+
+    if "name" not in args:
+        raise ConfigError("config key 'surrogate.name' is required (one of "
+                          f"{', '.join(sg.names())})")
+    try:
+        sg.create(**args)
+    except ValueError as err:
+        raise ConfigError(f"config key 'surrogate': {err}") from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """The plain nested dict of ``cfg`` (what config.yaml and checkpoints store)."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set takes key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = ALIASES.get(key.strip(), key.strip())
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` strings to a nested dict (returns a new dict)."""
+    data = _deep_copy(data)
+    pairs = [_parse_override(item) for item in overrides]
+    set_keys = {k for k, _ in pairs}
+    hints = _sections(Config)
+    for key, value in pairs:
+        if key in hints and (dataclasses.is_dataclass(hints[key]) or key == "surrogate") \
+                and not isinstance(value, dict):
+            key = f"{key}.name"  # --set method=ann means method.name=ann
+        parts = key.split(".")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ConfigError(f"config key {part!r} is not a section; cannot set {key!r}")
+            node = node[part]
+        if key == "surrogate.name" and value != node.get("name"):
+            kept = {k.split(".", 1)[1] for k in set_keys if k.startswith("surrogate.")}
+            for arg in [k for k in node if k not in kept]:
+                del node[arg]
+        node[parts[-1]] = value
+    return data
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path`` (if any), then ``overrides``."""
+    data: dict = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys")
+        data = _merge(data, loaded)
+    return from_dict(apply_overrides(data, overrides or []))
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = _deep_copy(base)
+    for key, value in new.items():
+        if key == "surrogate" and isinstance(value, dict):
+            out[key] = _deep_copy(value)  # a surrogate table replaces the default wholesale
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,150 @@
+"""Schedules over training: the shortcut balance coefficient λ, Dspike's temperature,
+and AdaLi's shrinking boundaries (METHODS.md).
+
+Each is a small object the trainer calls at the start of every epoch; none keeps
+state that is not a pure function of the epoch except ``DspikeTemperature`` (its
+current ``b``), which ``state_dict`` exposes for checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import surrogate as sg
+
+__all__ = ["progress", "BalanceSchedule", "DspikeTemperature", "AdaLiSchedule", "adali_bound"]
+
+BALANCE_KINDS = ("constant", "linear", "cosine", "step")
+ADALI_KINDS = ("log", "linear", "sqrt")
+
+
+def progress(index: int, count: int) -> float:
+    """``index / (count - 1)`` in [0, 1]; 1 when there is a single epoch or step."""
+    return 1.0 if count <= 1 else min(max(index / (count - 1), 0.0), 1.0)
+
+
+class BalanceSchedule:
+    """λ of shortcut training: constant (shortcut alone) or falling 1 -> 0 (evolutionary).
+
+    ``linear``: 1 - p; ``cosine``: (1 + cos πp)/2; ``step``: 1 before ``step_epoch``, then 0;
+    ``constant``: ``value`` always. ``p`` is epoch progress ``e/(E-1)``, or step progress
+    ``s/(S-1)`` over all training steps when ``per_step``.
+    """
+
+    def __init__(self, kind: str = "linear", value: float = 1.0, step_epoch: int | None = None,
+                 per_step: bool = False) -> None:
+        if kind not in BALANCE_KINDS:
+            raise ValueError(f"balance schedule must be one of {', '.join(BALANCE_KINDS)}, got {kind!r}")
+        if kind == "step" and step_epoch is None:
+            raise ValueError("balance schedule 'step' needs step_epoch (the epoch λ drops to 0)")
+        self.kind, self.value, self.step_epoch, self.per_step = kind, value, step_epoch, per_step
+
+    def __call__(self, epoch: int, epochs: int, step: int = 0, steps_per_epoch: int = 1) -> float:
+        """λ at ``epoch`` (0-based) of ``epochs``, and at ``step`` of the epoch when per_step."""
+        if self.kind == "constant":
+            return self.value
+        if self.kind == "step":
+            return 1.0 if epoch < self.step_epoch else 0.0
+        if self.per_step:
+            p = progress(epoch * steps_per_epoch + step, epochs * steps_per_epoch)
+        else:
+            p = progress(epoch, epochs)
+        return 1.0 - p if self.kind == "linear" else (1.0 + math.cos(math.pi * p)) / 2
+
+
+def adali_bound(epoch: int, epochs: int, high: float, low: float, kind: str = "log") -> float:
+    """An AdaLi boundary at ``epoch``: ``high * (low/high)^f``, f from 0 (first) to 1 (last).
+
+    ``log``: f = ln(e+1)/ln E; ``linear``: f = e/(E-1); ``sqrt``: f = sqrt(e/(E-1)).
+    """
+    if kind not in ADALI_KINDS:
+        raise ValueError(f"AdaLi schedule must be one of {', '.join(ADALI_KINDS)}, got {kind!r}")
+    if epochs <= 1:
+        return high
+    f = {"log": math.log(epoch + 1) / math.log(epochs), "linear": progress(epoch, epochs),
+         "sqrt": math.sqrt(progress(epoch, epochs))}[kind]
+    return high * (low / high) ** min(f, 1.0)
+
+
+class AdaLiSchedule:
+    """Shrinks every AdaLi surrogate's (L, R) from (L_max, R_max) to (L_min, R_min)."""
+
+    def __init__(self, kind: str = "log") -> None:
+        adali_bound(0, 2, 1.0, 1.0, kind)  # validates kind
+        self.kind = kind
+
+    def __call__(self, surrogate: sg.AdaLi, epoch: int, epochs: int) -> tuple[float, float]:
+        """Set and return the boundaries for ``epoch``."""
+        L = adali_bound(epoch, epochs, surrogate.L_max, surrogate.L_min, self.kind)
+        R = adali_bound(epoch, epochs, surrogate.R_max, surrogate.R_min, self.kind)
+        surrogate.set_bounds(L, R)
+        return L, R
+
+
+class DspikeTemperature:
+    """Dspike's temperature search (METHODS.md): once per epoch keep the ``b`` among
+    ``b - Δb, b, b + Δb`` whose first-layer weight gradient best matches (cosine) a
+    finite-difference estimate of the true one.
+
+    The finite-difference gradient is estimated along ``directions`` random unit
+    directions with central differences of step ``eps`` (2K forward passes); the
+    surrogate gradients are compared in the same K-dimensional projection.
+    """
+
+    def __init__(self, b0: float = 3.0, delta: float = 0.2, eps: float = 1e-3,
+                 directions: int = 32, seed: int = 0) -> None:
+        self.b, self.delta, self.eps, self.directions, self.seed = b0, delta, eps, directions, seed
+
+    def state_dict(self) -> dict:
+        """The current temperature (everything else is configuration)."""
+        return {"b": self.b}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``."""
+        self.b = float(state["b"])
+
+    @torch.no_grad()
+    def _directional_derivatives(self, loss: Callable[[], Tensor], weight: nn.Parameter,
+                                 dirs: Tensor) -> Tensor:
+        out = []
+        for u in dirs:
+            weight += self.eps * u
+            up = loss()
+            weight -= 2 * self.eps * u
+            down = loss()
+            weight += self.eps * u
+            out.append((up - down) / (2 * self.eps))
+        return torch.stack(out)
+
+    def step(self, model: nn.Module, weight: nn.Parameter, surrogates: list[sg.Dspike],
+             loss: Callable[[], Tensor], epoch: int) -> float:
+        """Choose and set the temperature on every Dspike in ``surrogates``; returns it.
+
+        ``loss()`` evaluates the training loss of ``model`` on one fixed batch; the model is
+        switched to eval mode for the estimate (no BatchNorm statistics change).
+        """
+        was_training = model.training
+        model.eval()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        dirs = torch.randn((self.directions, *weight.shape), generator=gen).to(weight)
+        dirs /= dirs.flatten(1).norm(dim=1).view(-1, *([1] * weight.dim()))
+        numeric = self._directional_derivatives(loss, weight, dirs)
+        best, best_cos = self.b, -2.0
+        for b in (self.b - self.delta, self.b, self.b + self.delta):
+            if b <= 0:
+                continue
+            for s in surrogates:
+                s.b = b
+            (grad,) = torch.autograd.grad(loss(), weight)
+            projected = (dirs.flatten(1) @ grad.flatten()).to(numeric.dtype)
+            cos = float(torch.nn.functional.cosine_similarity(projected, numeric, dim=0))
+            if cos > best_cos:
+                best, best_cos = b, cos
+        for s in surrogates:
+            s.b = best
+        self.b = best
+        model.train(was_training)
+        return best

@@ -1,0 +1,452 @@
+"""The trainer: one loop, methods and schedules plugged in as small objects.
+
+    trainer = Trainer(load_config("configs/default.yaml"), overwrite=True)
+    summary = trainer.fit()          # writes runs/<name>/...
+
+Run directory (DESIGN.md): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``
+and ``best.pt`` (atomic), ``plots/*.png``, ``report.md``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import __version__, checkpoint, losses, methods, monitor
+from . import surrogate as sg
+from .config import Config, ConfigError, from_dict, to_dict
+from .data import create_dataset, make_loader
+from .models import create_model
+from .schedules import AdaLiSchedule, DspikeTemperature
+
+__all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate", "resolve_device",
+           "load_inference_model"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says where and why."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'device' is 'cuda' but no CUDA GPU is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def dataset_info(dataset: Any) -> dict:
+    """``in_channels``, ``size`` (H) and ``num_classes`` of a dataset (from its first item)."""
+    x, _ = dataset.item(0, augment=False)
+    return {"in_channels": int(x.shape[-3]), "size": int(x.shape[-1]),
+            "num_classes": int(dataset.num_classes), "events": x.dim() == 4}
+
+
+def model_kwargs(cfg: Config, info: dict) -> dict:
+    """The ``create_model`` keyword arguments of a run (everything but the name)."""
+    neuron = dict(vars(cfg.neuron))
+    if neuron["type"] == "plif":
+        neuron["init_tau"] = neuron.pop("tau")
+    if cfg.method.name == "ann":
+        neuron = {"type": "clamp"}
+    kwargs = {"num_classes": info["num_classes"], "T": 1 if cfg.method.name == "ann" else cfg.model.T,
+              "in_channels": info["in_channels"], "encoding": cfg.model.encoding,
+              "neuron": neuron, "surrogate": dict(cfg.surrogate), "norm": cfg.model.norm,
+              "width": cfg.model.width}
+    if cfg.model.name.startswith("resnet"):
+        stem = cfg.model.stem
+        kwargs["stem"] = ("imagenet" if info["size"] >= 64 else "cifar") if stem == "auto" else stem
+        kwargs["sew"] = cfg.model.sew
+    return kwargs
+
+
+def build_model(cfg: Config, info: dict) -> nn.Module:
+    """The registry model a config describes."""
+    return create_model(cfg.model.name, **model_kwargs(cfg, info))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every global RNG state as tensors and plain lists (``weights_only`` loadable)."""
+    version, state, gauss = random.getstate()
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": [version, list(state), gauss],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore ``rng_state()``."""
+    torch.set_rng_state(state["torch"])
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def cosine_lr(base: float, step: int, total: int) -> float:
+    """Cosine annealing from ``base`` to 0 over ``total`` steps."""
+    return base * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay), Adam or AdamW from ``cfg.optim``."""
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, objective: losses.RateCE, device: torch.device,
+             rates: monitor.FiringRates | None = None) -> dict:
+    """Top-1 accuracy (%) and mean loss of ``model`` (eval mode) over ``loader``."""
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += float(objective.loss(logits, y)) * y.numel()
+        correct += int((objective.decode(logits).argmax(-1) == y).sum())
+        total += y.numel()
+    return {"acc": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+
+class Trainer:
+    """Trains the run ``cfg`` describes into ``<cfg.out>/<cfg.name>/``.
+
+    A run directory that exists is refused unless ``resume`` (continue from
+    ``checkpoints/last.pt``) or ``overwrite`` (start afresh).
+    """
+
+    def __init__(self, cfg: Config, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool | None = None) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out) / cfg.name
+        self.progress = progress
+        self._prepare_run_dir(resume, overwrite)
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self._build_data()
+        self.objective = losses.create(cfg.loss.name, cfg.model.T, **self._loss_kwargs())
+        self.model = build_model(cfg, self.info).to(self.device)
+        self.method = methods.create(cfg.method, self.objective)
+        self.net = self.method.wrap(self.model).to(self.device)
+        self.optimizer = make_optimizer(cfg, [p for p in self.net.parameters() if p.requires_grad])
+        self.surrogates = [m for m in self.model.modules() if isinstance(m, sg.Surrogate)]
+        self.dspike = DspikeTemperature(cfg.surrogate.get("b", 3.0), cfg.surrogate_schedule.delta,
+                                        cfg.surrogate_schedule.eps, cfg.surrogate_schedule.directions,
+                                        cfg.seed)
+        self.adali = AdaLiSchedule(cfg.surrogate_schedule.kind)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.best_acc, self.history = -1.0, []
+        if resume:
+            self._load(checkpoint.load(self.run_dir / "checkpoints" / "last.pt", kind="run"))
+
+    # ----------------------------------------------------------------- set-up
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        if resume and not last.is_file():
+            raise ConfigError(f"cannot resume: {str(last)!r} does not exist")
+        if self.run_dir.exists() and not (resume or overwrite):
+            raise ConfigError(f"run directory {str(self.run_dir)!r} exists; pass --resume to "
+                              "continue it or --overwrite to start it afresh")
+        try:
+            (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "plots").mkdir(exist_ok=True)
+            if overwrite and not resume:
+                for stale in ("metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
+                    (self.run_dir / stale).unlink(missing_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        except OSError as err:
+            raise ConfigError(f"cannot write run directory {str(self.run_dir)!r}: {err.strerror}") from None
+
+    def _build_data(self) -> None:
+        d, T = self.cfg.data, self.cfg.model.T
+        self.train_set = create_dataset(d.name, d.root, "train", T=T, frames=d.frames, size=d.size,
+                                        augment=d.augment, limit=d.limit_train)
+        self.test_set = create_dataset(d.name, d.root, "test", T=T, frames=d.frames, size=d.size,
+                                       augment=False, limit=d.limit_test)
+        self.info = dataset_info(self.train_set)
+
+    def _loss_kwargs(self) -> dict:
+        return self._loss_kwargs_of(self.cfg)
+
+    @staticmethod
+    def _loss_kwargs_of(cfg: Config) -> dict:
+        lc = cfg.loss
+        return {"tet": {"lam": lc.lam, "phi": lc.phi},
+                "two": {"alpha": lc.alpha, "warmup": lc.warmup, "variant": lc.variant}}.get(lc.name, {})
+
+    def train_loader(self, epoch: int, start_batch: int = 0) -> Any:
+        """The batches of ``epoch`` (a pure function of seed and epoch)."""
+        return make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                           epoch=epoch, drop_last=True, start_batch=start_batch,
+                           num_workers=self.cfg.data.num_workers)
+
+    def test_loader(self) -> Any:
+        """The test set in order."""
+        return make_loader(self.test_set, self.cfg.eval_batch_size, shuffle=False, seed=0, epoch=0,
+                           num_workers=self.cfg.data.num_workers)
+
+    # --------------------------------------------------------------- schedules
+    def _dspike_surrogates(self) -> list:
+        return [getattr(s, "base", s) for s in self.surrogates
+                if isinstance(getattr(s, "base", s), sg.Dspike)]
+
+    def _adali_surrogates(self) -> list:
+        return [getattr(s, "base", s) for s in self.surrogates
+                if isinstance(getattr(s, "base", s), sg.AdaLi)]
+
+    def _start_epoch(self, epoch: int) -> dict:
+        """Move the surrogate schedules for ``epoch``; returns what to log."""
+        logged: dict = {}
+        if self.cfg.surrogate_schedule.name == "none":
+            return logged
+        adalis = self._adali_surrogates()
+        if adalis and epoch == 0 and self.batch == 0 and self.cfg.surrogate_schedule.calibrate:
+            self._calibrate_adali(adalis)
+        for s in adalis:
+            logged["adali_L"], logged["adali_R"] = self.adali(s, epoch, self.cfg.epochs)
+        dspikes = self._dspike_surrogates()
+        if dspikes and epoch > 0 and self.batch == 0:
+            x, y = next(iter(self.train_loader(0)))
+            x, y = x.to(self.device), y.to(self.device)
+            weight = dict(self.model.named_modules())[monitor.layer_names(self.model)[0]].weight
+            self.dspike.step(self.net, weight, dspikes, lambda: self.method.loss(self.net(x), y)[0], epoch)
+        if dspikes:
+            for s in dspikes:
+                s.b = self.dspike.b
+            logged["dspike_b"] = self.dspike.b
+        return logged
+
+    @torch.no_grad()
+    def _calibrate_adali(self, adalis: list) -> None:
+        """Calibrate AdaLi from the first-step potentials of every neuron on one batch."""
+        from .neuron import BaseNeuron
+
+        seen: list[Tensor] = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0] - mod.v_threshold))
+                 for m in self.model.modules() if isinstance(m, BaseNeuron)]
+        x, _ = next(iter(self.train_loader(0)))
+        self.model.eval()
+        self.model(x.to(self.device))
+        for h in hooks:
+            h.remove()
+        potentials = torch.cat([p.flatten().float().cpu() for p in seen])
+        for s in adalis:
+            s.calibrate(potentials)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self) -> dict:
+        """Train for ``cfg.epochs``, evaluating after each; returns the final summary."""
+        while self.epoch < self.cfg.epochs:
+            record = self._train_epoch(self.epoch)
+            self._end_epoch(record)
+        return self._finish()
+
+    def _train_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        logged = self._start_epoch(epoch)
+        loader = self.train_loader(epoch, self.batch)
+        steps = len(loader) + self.batch
+        total_steps = steps * cfg.epochs
+        self.net.train()
+        sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        norms: dict[str, float] = {}
+        bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=self.progress is False or (self.progress is None and not sys.stderr.isatty()),
+                   file=sys.stderr, dynamic_ncols=True)
+        for x, y in bar:
+            start = time.perf_counter()
+            loss, logits = self._train_step(x.to(self.device), y.to(self.device), epoch, steps, total_steps)
+            sums["time"] += time.perf_counter() - start
+            if loss is not None:
+                sums["loss"] += float(loss) * y.numel()
+                sums["correct"] += int((self.objective.decode(logits).argmax(-1).cpu() == y).sum())
+                sums["seen"] += y.numel()
+                for name, value in monitor.grad_norms(self.model).items():
+                    norms[name] = norms.get(name, 0.0) + value
+            self.batch += 1
+            self.step += 1
+            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}",
+                            acc=f"{100 * sums['correct'] / max(sums['seen'], 1):.1f}",
+                            sps=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+            if self.step % cfg.log_every == 0:
+                self._log({"kind": "step", "loss": float(loss) if loss is not None else None,
+                           "lr": self.optimizer.param_groups[0]["lr"], "lambda": self.method.lam})
+        bar.close()
+        seen = max(sums["seen"], 1)
+        record = {"train_loss": sums["loss"] / seen, "train_acc": 100.0 * sums["correct"] / seen,
+                  "samples_per_s": sums["seen"] / max(sums["time"], 1e-9), "epoch_time": sums["time"],
+                  "lr": self.optimizer.param_groups[0]["lr"], **logged}
+        if self.method.lam is not None:
+            record["lambda"] = self.method.lam
+        record.update({f"grad_norm/{k}": v / max(len(loader), 1) for k, v in norms.items()})
+        return record
+
+    def _train_step(self, x: Tensor, y: Tensor, epoch: int, steps: int, total: int):
+        cfg = self.cfg
+        if cfg.optim.schedule == "cosine":
+            for group in self.optimizer.param_groups:
+                group["lr"] = cosine_lr(cfg.optim.lr, self.step, total)
+        self.method.set_progress(epoch, cfg.epochs, self.batch, steps)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
+            loss, logits = self.method.loss(self.net(x), y)
+        if not torch.isfinite(loss):
+            return self._non_finite(loss, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        if hasattr(self.objective, "observe"):
+            self.objective.observe(logits.detach().float(), y)
+        return loss.detach(), logits.detach().float()
+
+    def _non_finite(self, loss: Tensor, epoch: int) -> tuple[None, None]:
+        last = self.run_dir / "checkpoints" / "last.pt"
+        where = f"loss is {float(loss)} at epoch {epoch + 1}, step {self.step + 1}"
+        if self.cfg.nan_policy == "skip":
+            self.optimizer.zero_grad(set_to_none=True)
+            self._log({"kind": "step", "skipped": where})
+            return None, None
+        good = str(last) if last.is_file() else "none written yet"
+        raise TrainingError(f"{where}; last good checkpoint: {good} (set nan_policy: skip to skip such steps)")
+
+    def _end_epoch(self, record: dict) -> None:
+        if hasattr(self.objective, "end_epoch"):
+            self.objective.end_epoch(self.epoch)
+        inference = self.method.export(self.net)
+        with monitor.FiringRates(inference) as rates:
+            result = evaluate(inference, self.test_loader(), self.objective, self.device)
+            record.update({f"firing_rate/{k}": v for k, v in rates.rates().items()})
+        record["test_acc"], record["test_loss"] = result["acc"], result["loss"]
+        self.epoch += 1
+        self.batch = 0
+        self._log({"kind": "epoch", **record})
+        self.history.append(record)
+        finite = all(math.isfinite(v) for v in (record["train_loss"], result["loss"]))
+        improved = finite and result["acc"] > self.best_acc
+        if improved:
+            self.best_acc = result["acc"]
+        state = self._state()
+        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
+        if improved:
+            checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
+        print(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f} "
+              f"acc {record['train_acc']:.2f}% | test acc {result['acc']:.2f}% "
+              f"(best {self.best_acc:.2f}%) | {record['samples_per_s']:.0f} samples/s",
+              file=sys.stderr, flush=True)
+
+    def _log(self, obj: dict) -> None:
+        obj = {"kind": obj.pop("kind"), "epoch": self.epoch, "step": self.step, "time": time.time(), **obj}
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(obj) + "\n")
+
+    # ------------------------------------------------------------ checkpoints
+    def _state(self) -> dict:
+        """Everything a bit-exact resume needs, as ``weights_only``-loadable data."""
+        return {
+            "kind": "run", "version": __version__, "config": to_dict(self.cfg),
+            "model_name": self.cfg.model.name, "model_kwargs": model_kwargs(self.cfg, self.info),
+            "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_acc": self.best_acc,
+            "history": self.history, "decoder": self.objective.state_dict(),
+            "dspike": self.dspike.state_dict(), "rng": rng_state(),
+            "msg_rng": [s.get_rng_state() for s in self.surrogates if isinstance(s, sg.MSG)],
+            "adali": [s.config() for s in self._adali_surrogates()],
+        }
+
+    def _load(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.best_acc, self.history = state["best_acc"], list(state["history"])
+        self.objective.load_state_dict(state["decoder"])
+        self.dspike.load_state_dict(state["dspike"])
+        for s, gen_state in zip([s for s in self.surrogates if isinstance(s, sg.MSG)], state["msg_rng"]):
+            s.set_rng_state(gen_state)
+        for s, saved in zip(self._adali_surrogates(), state["adali"]):
+            s.alpha, s.beta, s.L_max, s.R_max = saved["alpha"], saved["beta"], saved["L"], saved["R"]
+        set_rng_state(state["rng"])
+
+    def export_state(self) -> dict:
+        """The inference-only model file (``kind: model``)."""
+        return {"kind": "model", "version": __version__, "model_name": self.cfg.model.name,
+                "model_kwargs": model_kwargs(self.cfg, self.info),
+                "state_dict": self.method.export(self.net).state_dict(),
+                "decoder": {"name": self.cfg.loss.name, **self.objective.state_dict()}}
+
+    # ------------------------------------------------------------------ end
+    def _finish(self) -> dict:
+        from . import plots, report
+
+        checkpoint.save(self.export_state(), self.run_dir / "checkpoints" / "model.pt")
+        final = self.history[-1] if self.history else {}
+        summary = {"run_dir": str(self.run_dir), "final_acc": final.get("test_acc"),
+                   "best_acc": self.best_acc, "epochs": self.epoch}
+        plots.plot_run(self.run_dir)
+        report.write(self.run_dir, self.cfg, self.history, self._sops())
+        return summary
+
+    @torch.no_grad()
+    def _sops(self) -> dict:
+        inference = self.method.export(self.net).eval()
+        x, _ = next(iter(self.test_loader()))
+        with monitor.SynapticOps(inference) as counter:
+            inference(x[:64].to(self.device))
+        return counter.summary()
+
+
+def load_run_config(state: dict) -> Config:
+    """The ``Config`` stored in a run checkpoint."""
+    return from_dict(state["config"])
+
+
+def load_inference_model(path: str | Path) -> tuple[nn.Module, losses.RateCE, dict]:
+    """``(model, objective, file)`` from a run checkpoint (``last.pt``/``best.pt``) or an
+    exported model file; the model is the plain registry model in eval mode."""
+    state = checkpoint.load(path)
+    try:
+        model = create_model(state["model_name"], **state["model_kwargs"])
+        T = state["model_kwargs"].get("T", 1)
+        if state["kind"] == "run":
+            cfg = load_run_config(state)
+            objective = losses.create(cfg.loss.name, T, **Trainer._loss_kwargs_of(cfg))
+            method = methods.create(cfg.method, objective)
+            net = method.wrap(model)
+            net.load_state_dict(state["net"])
+            model = method.export(net)
+            objective.load_state_dict(state["decoder"])
+        else:
+            decoder = dict(state["decoder"])
+            objective = losses.create(decoder.pop("name"), T)
+            objective.load_state_dict(decoder)
+            model.load_state_dict(state["state_dict"])
+    except (KeyError, RuntimeError) as err:
+        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} does not match its model: "
+                                         f"{str(err).splitlines()[0]}") from None
+    return model.eval(), objective, state

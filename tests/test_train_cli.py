@@ -1,0 +1,113 @@
+"""The main job through the CLI: a short run on a subset of the embedded data."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from spikegrad import checkpoint
+from spikegrad.cli import main
+from spikegrad.config import ConfigError, load_config
+
+FAST = ["epochs=2", "data.limit_train=1024", "data.limit_test=500", "model.width=0.125",
+        "model.T=2", "batch_size=32", "log_every=8", "neuron.backend=eager"]
+
+
+def _sets(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    main(["train", "--config", "configs/default.yaml",
+          *_sets(FAST + [f"out={out}", "name=smoke", "optim.name=adam", "optim.lr=0.003"])])
+    return out / "smoke"
+
+
+def test_run_directory_has_every_file(run_dir):
+    for name in ["config.yaml", "metrics.jsonl", "report.md", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "checkpoints/model.pt", "plots/curves.png",
+                 "plots/grad_norms.png", "plots/firing_rates.png"]:
+        assert (run_dir / name).is_file(), name
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["model"]["T"] == 2 and resolved["method"]["name"] == "evolutionary"
+
+
+def test_metrics_follow_the_schema_and_beat_chance(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [m for m in lines if m["kind"] == "epoch"]
+    assert len(epochs) == 2 and any(m["kind"] == "step" for m in lines)
+    for m in epochs:
+        for key in ("epoch", "step", "time", "train_loss", "train_acc", "test_acc", "lr", "lambda"):
+            assert key in m, key
+        assert any(k.startswith("grad_norm/") for k in m) and any(k.startswith("firing_rate/") for k in m)
+    assert [m["lambda"] for m in epochs] == [1.0, 0.0]  # evolutionary: branches first, main last
+    assert epochs[-1]["test_acc"] > 20.0  # chance is 10%
+
+
+def test_checkpoints_load_weights_only_and_eval_export_agree(run_dir, tmp_path, capsys):
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt", kind="run")
+    assert state["epoch"] == 2 and "net" in state and "optimizer" in state
+    main(["eval", str(run_dir / "checkpoints" / "last.pt"), "--limit", "500"])
+    from_run = capsys.readouterr().out
+    out = tmp_path / "model.pt"
+    main(["export", str(run_dir / "checkpoints" / "last.pt"), str(out)])
+    exported = checkpoint.load(out, kind="model")
+    assert not any(k.startswith("branches") for k in exported["state_dict"])
+    capsys.readouterr()
+    main(["eval", str(out), "--limit", "500"])
+    from_export = capsys.readouterr().out
+    first = lambda text: text.splitlines()[0]  # noqa: E731
+    assert first(from_run) == first(from_export) and "test accuracy" in first(from_run)
+
+
+def test_existing_run_directory_is_refused(run_dir, capsys):
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        main(["train", *_sets([f"out={run_dir.parent}", "name=smoke"])])
+    assert exc.value.code == 2
+    assert "exists; pass --resume" in capsys.readouterr().err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "epocs=3"], "did you mean 'epochs'"),
+    (["--set", "model.T=0"], "'model.T' must be >= 1"),
+    (["--set", "optim.lr=-0.1"], "'optim.lr' must be > 0"),
+    (["--set", "batch_size=abc"], "'batch_size' must be of type int"),
+    (["--set", "method=magic"], "'method.name' must be one of"),
+    (["--config", "no/such.yaml"], "does not exist"),
+])
+def test_bad_config_exits_2_with_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "spikegrad", "train", *args, "--set", f"out={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_config_overrides_and_surrogate_reset():
+    cfg = load_config("configs/default.yaml", ["surrogate.name=dspike", "teacher=x.pt", "loss=two"])
+    assert cfg.surrogate == {"name": "dspike"} and cfg.method.teacher == "x.pt"
+    assert cfg.loss.name == "two"
+    cfg = load_config(None, ["surrogate.name=msg", "surrogate.p=0.3"])
+    assert cfg.surrogate == {"name": "msg", "p": 0.3}
+    with pytest.raises(ConfigError, match="unknown config key 'model.nme'; did you mean 'model.name'"):
+        load_config(None, ["model.nme=x"])
+
+
+def test_python_api_trains_in_ten_lines(tmp_path):
+    from spikegrad.models import create_model
+    from spikegrad.shortcut import ShortcutNet
+
+    net = ShortcutNet(create_model("plain-8", num_classes=10, T=2, in_channels=1, width=0.125))
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    main_out, branches = net(x)
+    loss = net.loss(main_out, branches, y, 0.5, lambda o, t: torch.nn.functional.cross_entropy(o.mean(0), t))
+    loss.backward()
+    assert main_out.shape == (2, 4, 10) and len(branches) == 2 and torch.isfinite(loss)
