@@ -20,11 +20,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
         if args.config:
             raise ValueError("--resume takes the run directory's own config; drop --config")
         run_dir = Path(args.resume)
+        last = run_dir / "checkpoints" / "last.pt"
+        if not last.is_file():
+            raise ValueError(f"cannot resume: {str(last)!r} does not exist (is {str(run_dir)!r} a run directory?)")
         cfg = load_config(run_dir / "config.yaml", args.set)
         cfg.out, cfg.name = str(run_dir.parent), run_dir.name
     else:
         cfg = load_config(args.config, args.set)
     summary = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite).fit()
+    if summary["final_acc"] is None:  # not rank 0 of a distributed run
+        return
     print(f"final test accuracy {summary['final_acc']:.2f}% (best {summary['best_acc']:.2f}%)")
     print(f"run directory: {summary['run_dir']}")
 

@@ -127,6 +127,8 @@ class Config:
     compile: bool = False
     nan_policy: str = "stop"
     log_every: int = 20
+    checkpoint_every: Optional[int] = None
+    sync_bn: bool = False
     expected_accuracy: Optional[float] = None
     expected_source: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,7 +165,7 @@ CHOICES = {
 # key -> (lowest allowed, whether the bound is inclusive)
 MINIMUM = {
     "epochs": (1, True), "batch_size": (1, True), "eval_batch_size": (1, True),
-    "log_every": (1, True), "model.T": (1, True), "model.width": (0, False),
+    "log_every": (1, True), "checkpoint_every": (1, True), "model.T": (1, True), "model.width": (0, False),
     "neuron.tau": (1, True), "neuron.v_threshold": (0, False), "optim.lr": (0, False),
     "optim.momentum": (0, True), "optim.weight_decay": (0, True), "optim.grad_clip": (0, False),
     "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),

@@ -22,7 +22,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import __version__, checkpoint, losses, methods, monitor
+from . import __version__, checkpoint, distributed, losses, methods, monitor
 from . import surrogate as sg
 from .config import Config, ConfigError, from_dict, to_dict
 from .data import create_dataset, make_loader
@@ -146,8 +146,12 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.out) / cfg.name
         self.progress = progress
-        self._prepare_run_dir(resume, overwrite)
-        self.device = resolve_device(cfg.device)
+        self.world, self.device = distributed.init(resolve_device(cfg.device))
+        self.is_main, self.world_size = self.world.is_main, self.world.size
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the "
+                              f"number of processes ({self.world_size}); it is the global batch")
+        self._check_run_dir(resume)
         seed_everything(cfg.seed)
         self._build_data()
         self.objective = losses.create(cfg.loss.name, cfg.model.T, **self._loss_kwargs())
@@ -161,23 +165,36 @@ class Trainer:
                                         cfg.seed)
         self.adali = AdaLiSchedule(cfg.surrogate_schedule.kind)
         self.epoch, self.batch, self.step = 0, 0, 0
-        self.best_acc, self.history = -1.0, []
+        self.best_acc, self.history, self.sums = -1.0, [], {}
+        self._prepare_run_dir(resume, overwrite)  # only once everything above has been validated
         if resume:
             self._load(checkpoint.load(self.run_dir / "checkpoints" / "last.pt", kind="run"))
+        self.runner = distributed.wrap(self.net, self.world, self.device, cfg.sync_bn)
+        if cfg.compile:
+            self.runner = torch.compile(self.runner)
 
     # ----------------------------------------------------------------- set-up
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
+    def _check_run_dir(self, resume: bool) -> None:
         last = self.run_dir / "checkpoints" / "last.pt"
         if resume and not last.is_file():
             raise ConfigError(f"cannot resume: {str(last)!r} does not exist")
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         if self.run_dir.exists() and not (resume or overwrite):
             raise ConfigError(f"run directory {str(self.run_dir)!r} exists; pass --resume to "
                               "continue it or --overwrite to start it afresh")
+        distributed.barrier(self.world)  # every rank has checked before rank 0 creates anything
+        if self.is_main:
+            self._write_run_dir(resume, overwrite)
+        distributed.barrier(self.world)
+
+    def _write_run_dir(self, resume: bool, overwrite: bool) -> None:
         try:
             (self.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "plots").mkdir(exist_ok=True)
             if overwrite and not resume:
-                for stale in ("metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt"):
+                for stale in ("metrics.jsonl", "report.md", "checkpoints/last.pt",
+                              "checkpoints/best.pt", "checkpoints/model.pt"):
                     (self.run_dir / stale).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         except OSError as err:
@@ -201,9 +218,10 @@ class Trainer:
                 "two": {"alpha": lc.alpha, "warmup": lc.warmup, "variant": lc.variant}}.get(lc.name, {})
 
     def train_loader(self, epoch: int, start_batch: int = 0) -> Any:
-        """The batches of ``epoch`` (a pure function of seed and epoch)."""
-        return make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
-                           epoch=epoch, drop_last=True, start_batch=start_batch,
+        """This rank's batches of ``epoch`` (a pure function of seed and epoch)."""
+        return make_loader(self.train_set, self.cfg.batch_size // self.world_size, shuffle=True,
+                           seed=self.cfg.seed, epoch=epoch, rank=self.world.rank,
+                           world_size=self.world_size, drop_last=True, start_batch=start_batch,
                            num_workers=self.cfg.data.num_workers)
 
     def test_loader(self) -> Any:
@@ -212,6 +230,13 @@ class Trainer:
                            num_workers=self.cfg.data.num_workers)
 
     # --------------------------------------------------------------- schedules
+    def _fixed_batch(self) -> tuple[Tensor, Tensor]:
+        """The first training batch of epoch 0 over the whole set (the same on every rank)."""
+        loader = make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
+                             epoch=0, augment=False)
+        x, y = next(iter(loader))
+        return x.to(self.device), y.to(self.device)
+
     def _dspike_surrogates(self) -> list:
         return [getattr(s, "base", s) for s in self.surrogates
                 if isinstance(getattr(s, "base", s), sg.Dspike)]
@@ -232,8 +257,7 @@ class Trainer:
             logged["adali_L"], logged["adali_R"] = self.adali(s, epoch, self.cfg.epochs)
         dspikes = self._dspike_surrogates()
         if dspikes and epoch > 0 and self.batch == 0:
-            x, y = next(iter(self.train_loader(0)))
-            x, y = x.to(self.device), y.to(self.device)
+            x, y = self._fixed_batch()
             weight = dict(self.model.named_modules())[monitor.layer_names(self.model)[0]].weight
             self.dspike.step(self.net, weight, dspikes, lambda: self.method.loss(self.net(x), y)[0], epoch)
         if dspikes:
@@ -250,9 +274,9 @@ class Trainer:
         seen: list[Tensor] = []
         hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0] - mod.v_threshold))
                  for m in self.model.modules() if isinstance(m, BaseNeuron)]
-        x, _ = next(iter(self.train_loader(0)))
+        x, _ = self._fixed_batch()
         self.model.eval()
-        self.model(x.to(self.device))
+        self.model(x)
         for h in hooks:
             h.remove()
         potentials = torch.cat([p.flatten().float().cpu() for p in seen])
@@ -272,49 +296,55 @@ class Trainer:
         logged = self._start_epoch(epoch)
         loader = self.train_loader(epoch, self.batch)
         steps = len(loader) + self.batch
-        total_steps = steps * cfg.epochs
         self.net.train()
-        sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0}
-        norms: dict[str, float] = {}
+        if self.batch == 0:
+            self.sums = {"loss": 0.0, "correct": 0, "seen": 0, "time": 0.0, "norms": {}}
+        sums = self.sums
         bar = tqdm(loader, total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=self.progress is False or (self.progress is None and not sys.stderr.isatty()),
+                   disable=not self.is_main or self.progress is False
+                   or (self.progress is None and not sys.stderr.isatty()),
                    file=sys.stderr, dynamic_ncols=True)
         for x, y in bar:
             start = time.perf_counter()
-            loss, logits = self._train_step(x.to(self.device), y.to(self.device), epoch, steps, total_steps)
+            loss, logits = self._train_step(x.to(self.device), y.to(self.device), epoch, steps)
             sums["time"] += time.perf_counter() - start
             if loss is not None:
-                sums["loss"] += float(loss) * y.numel()
-                sums["correct"] += int((self.objective.decode(logits).argmax(-1).cpu() == y).sum())
-                sums["seen"] += y.numel()
-                for name, value in monitor.grad_norms(self.model).items():
-                    norms[name] = norms.get(name, 0.0) + value
+                self._accumulate(sums, loss, logits, y)
             self.batch += 1
             self.step += 1
-            bar.set_postfix(loss=f"{sums['loss'] / max(sums['seen'], 1):.3f}",
-                            acc=f"{100 * sums['correct'] / max(sums['seen'], 1):.1f}",
-                            sps=f"{sums['seen'] / max(sums['time'], 1e-9):.0f}")
+            seen = max(sums["seen"], 1)
+            bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", acc=f"{100 * sums['correct'] / seen:.1f}",
+                            sps=f"{sums['seen'] * self.world_size / max(sums['time'], 1e-9):.0f}")
             if self.step % cfg.log_every == 0:
                 self._log({"kind": "step", "loss": float(loss) if loss is not None else None,
                            "lr": self.optimizer.param_groups[0]["lr"], "lambda": self.method.lam})
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.batch < steps:
+                self._save("last.pt")
         bar.close()
         seen = max(sums["seen"], 1)
         record = {"train_loss": sums["loss"] / seen, "train_acc": 100.0 * sums["correct"] / seen,
-                  "samples_per_s": sums["seen"] / max(sums["time"], 1e-9), "epoch_time": sums["time"],
-                  "lr": self.optimizer.param_groups[0]["lr"], **logged}
+                  "samples_per_s": sums["seen"] * self.world_size / max(sums["time"], 1e-9),
+                  "epoch_time": sums["time"], "lr": self.optimizer.param_groups[0]["lr"], **logged}
         if self.method.lam is not None:
             record["lambda"] = self.method.lam
-        record.update({f"grad_norm/{k}": v / max(len(loader), 1) for k, v in norms.items()})
+        record.update({f"grad_norm/{k}": v / max(steps, 1) for k, v in sums["norms"].items()})
         return record
 
-    def _train_step(self, x: Tensor, y: Tensor, epoch: int, steps: int, total: int):
+    def _accumulate(self, sums: dict, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        sums["loss"] += float(loss) * y.numel()
+        sums["correct"] += int((self.objective.decode(logits).argmax(-1).cpu() == y).sum())
+        sums["seen"] += y.numel()
+        for name, value in monitor.grad_norms(self.model).items():
+            sums["norms"][name] = sums["norms"].get(name, 0.0) + value
+
+    def _train_step(self, x: Tensor, y: Tensor, epoch: int, steps: int):
         cfg = self.cfg
         if cfg.optim.schedule == "cosine":
             for group in self.optimizer.param_groups:
-                group["lr"] = cosine_lr(cfg.optim.lr, self.step, total)
+                group["lr"] = cosine_lr(cfg.optim.lr, self.step, steps * cfg.epochs)
         self.method.set_progress(epoch, cfg.epochs, self.batch, steps)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16"):
-            loss, logits = self.method.loss(self.net(x), y)
+            loss, logits = self.method.loss(self.runner(x), y)
         if not torch.isfinite(loss):
             return self._non_finite(loss, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,32 +369,42 @@ class Trainer:
     def _end_epoch(self, record: dict) -> None:
         if hasattr(self.objective, "end_epoch"):
             self.objective.end_epoch(self.epoch)
+        self.epoch += 1
+        self.batch = 0
+        if not self.is_main:
+            return
         inference = self.method.export(self.net)
         with monitor.FiringRates(inference) as rates:
             result = evaluate(inference, self.test_loader(), self.objective, self.device)
             record.update({f"firing_rate/{k}": v for k, v in rates.rates().items()})
         record["test_acc"], record["test_loss"] = result["acc"], result["loss"]
-        self.epoch += 1
-        self.batch = 0
         self._log({"kind": "epoch", **record})
         self.history.append(record)
         finite = all(math.isfinite(v) for v in (record["train_loss"], result["loss"]))
         improved = finite and result["acc"] > self.best_acc
         if improved:
             self.best_acc = result["acc"]
-        state = self._state()
-        checkpoint.save(state, self.run_dir / "checkpoints" / "last.pt")
-        if improved:
-            checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
+        self._save("last.pt", also_best=improved)
         print(f"epoch {self.epoch}/{self.cfg.epochs}: train loss {record['train_loss']:.4f} "
               f"acc {record['train_acc']:.2f}% | test acc {result['acc']:.2f}% "
               f"(best {self.best_acc:.2f}%) | {record['samples_per_s']:.0f} samples/s",
               file=sys.stderr, flush=True)
 
     def _log(self, obj: dict) -> None:
+        if not self.is_main:
+            return
         obj = {"kind": obj.pop("kind"), "epoch": self.epoch, "step": self.step, "time": time.time(), **obj}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(obj) + "\n")
+
+    def _save(self, name: str, also_best: bool = False) -> None:
+        """Write ``checkpoints/<name>`` (and ``best.pt``) atomically, from rank 0 only."""
+        if not self.is_main:
+            return
+        state = self._state()
+        checkpoint.save(state, self.run_dir / "checkpoints" / name)
+        if also_best:
+            checkpoint.save(state, self.run_dir / "checkpoints" / "best.pt")
 
     # ------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
@@ -374,14 +414,28 @@ class Trainer:
             "model_name": self.cfg.model.name, "model_kwargs": model_kwargs(self.cfg, self.info),
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_acc": self.best_acc,
-            "history": self.history, "decoder": self.objective.state_dict(),
+            "history": self.history, "decoder": self.objective.state_dict(), "sums": self.sums,
+            "metrics_bytes": self._metrics_size(),
             "dspike": self.dspike.state_dict(), "rng": rng_state(),
             "msg_rng": [s.get_rng_state() for s in self.surrogates if isinstance(s, sg.MSG)],
             "adali": [s.config() for s in self._adali_surrogates()],
         }
 
+    def _metrics_size(self) -> int:
+        path = self.run_dir / "metrics.jsonl"
+        return path.stat().st_size if path.is_file() else 0
+
     def _load(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
+        """Restore ``_state()``; metrics logged after that checkpoint are dropped."""
+        try:
+            self.net.load_state_dict(state["net"])
+        except RuntimeError as err:
+            raise checkpoint.CheckpointError(f"checkpoint does not fit this run's model: "
+                                             f"{str(err).splitlines()[0]}") from None
+        self.sums = state["sums"]
+        if self.is_main and self._metrics_size() > state["metrics_bytes"]:
+            with open(self.run_dir / "metrics.jsonl", "r+b") as handle:
+                handle.truncate(state["metrics_bytes"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.best_acc, self.history = state["best_acc"], list(state["history"])
@@ -404,6 +458,8 @@ class Trainer:
     def _finish(self) -> dict:
         from . import plots, report
 
+        if not self.is_main:
+            return {"run_dir": str(self.run_dir), "final_acc": None, "best_acc": None, "epochs": self.epoch}
         checkpoint.save(self.export_state(), self.run_dir / "checkpoints" / "model.pt")
         final = self.history[-1] if self.history else {}
         summary = {"run_dir": str(self.run_dir), "final_acc": final.get("test_acc"),
