@@ -358,7 +358,7 @@ class Trainer:
 
     def _non_finite(self, loss: Tensor, epoch: int) -> tuple[None, None]:
         last = self.run_dir / "checkpoints" / "last.pt"
-        where = f"loss is {float(loss)} at epoch {epoch + 1}, step {self.step + 1}"
+        where = f"loss is {loss.item()} at epoch {epoch + 1}, step {self.step + 1}"
         if self.cfg.nan_policy == "skip":
             self.optimizer.zero_grad(set_to_none=True)
             self._log({"kind": "step", "skipped": where})
