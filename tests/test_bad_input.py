@@ -78,7 +78,7 @@ CASES = {
     "truncated checkpoint": (["eval", "{root}/truncated.pt"], "is truncated or corrupted"),
     "pickled payload": (["eval", "{root}/pickled.pt"], "pickled object payload"),
     "other architecture": (["eval", "{root}/other-arch.pt"], "does not match its model"),
-    "export suffix": (["export", "{root}/done/checkpoints/model.pt", "{root}/m.onnx"], "expected .pt"),
+    "export suffix": (["export", "{root}/done/checkpoints/model.pt", "{root}/m.onnx"], "expected .pt or .nir"),
 }
 
 

@@ -111,3 +111,14 @@ def test_python_api_trains_in_ten_lines(tmp_path):
     loss = net.loss(main_out, branches, y, 0.5, lambda o, t: torch.nn.functional.cross_entropy(o.mean(0), t))
     loss.backward()
     assert main_out.shape == (2, 4, 10) and len(branches) == 2 and torch.isfinite(loss)
+
+
+def test_nir_export_and_eval_through_the_cli(run_dir, tmp_path, capsys):
+    out = tmp_path / "model.nir"
+    main(["export", str(run_dir / "checkpoints" / "best.pt"), str(out)])
+    assert out.is_file()
+    capsys.readouterr()
+    main(["eval", str(out), "--limit", "500"])
+    from_nir = capsys.readouterr().out.splitlines()[0]
+    main(["eval", str(run_dir / "checkpoints" / "best.pt"), "--limit", "500"])
+    assert capsys.readouterr().out.splitlines()[0] == from_nir

@@ -41,7 +41,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from .data import create_dataset, make_loader
     from .train import evaluate, load_inference_model
 
-    model, objective, state = load_inference_model(args.checkpoint)
+    if Path(args.checkpoint).suffix == ".nir":
+        from . import losses
+        from .nir import from_nir
+
+        model = from_nir(args.checkpoint)
+        if model.T is None:
+            raise ValueError(f"{args.checkpoint!r} states no time_steps/encoding in its metadata; "
+                             "eval needs a .nir written by spikegrad export")
+        objective, state = losses.create("ce", model.T), {"model_kwargs": {"T": model.T}}
+    else:
+        model, objective, state = load_inference_model(args.checkpoint)
     data = state.get("config", {}).get("data", {})
     name = args.data or data.get("name", "fashion-mnist")
     root = args.root if args.root is not None else (data.get("root") if not args.data else None)
@@ -67,9 +77,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from .train import load_inference_model
 
     out = Path(args.out)
-    if out.suffix != ".pt":
-        raise ValueError(f"export format is chosen by the suffix; expected .pt, got {out.name!r}")
+    if out.suffix not in (".pt", ".nir"):
+        raise ValueError(f"export format is chosen by the suffix; expected .pt or .nir, got {out.name!r}")
     model, objective, state = load_inference_model(args.checkpoint)
+    if out.suffix == ".nir":
+        from .nir import export_nir
+
+        export_nir(model, out, dt=args.dt, input_size=args.input_size)
+        print(f"wrote {out} (NIR graph, batch norm folded, dt={args.dt:g}, T={model.T})")
+        return
     decoder = {"name": type(objective).__name__.lower().replace("ratece", "ce"), **objective.state_dict()}
     checkpoint.save({"kind": "model", "version": __version__, "model_name": state["model_name"],
                      "model_kwargs": state["model_kwargs"], "state_dict": model.state_dict(),
@@ -114,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_cmd_eval)
     ex = sub.add_parser("export", help="write the inference-only model")
     ex.add_argument("checkpoint")
-    ex.add_argument("out", help="output file (.pt)")
+    ex.add_argument("out", help="output file: .pt (spikegrad model) or .nir (NIR graph)")
+    ex.add_argument("--dt", type=float, default=1.0,
+                    help="time step the NIR neuron parameters are written for "
+                         "(snnTorch's importer assumes 1e-4)")
+    ex.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
+                    help="image size for .nir (default 28x28 for 1 channel, else 32x32)")
     ex.set_defaults(func=_cmd_export)
     pl = sub.add_parser("plot", help="draw a run's plots, or compare several runs")
     pl.add_argument("run_dirs", nargs="+")
