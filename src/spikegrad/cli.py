@@ -1,4 +1,4 @@
-"""``spikegrad train | eval | export | plot | bench``.
+"""``spikegrad train | eval | export | plot | bench | ablation``.
 
 Bad input (config, paths, datasets, checkpoints, shapes) ends in one line on stderr
 and exit code 2; nothing already written is touched.
@@ -110,6 +110,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     bench.main(args)
 
 
+def _cmd_ablation(args: argparse.Namespace) -> None:
+    from . import ablation
+
+    ablation.main(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spikegrad", description="Train deep spiking neural "
                                      "networks with surrogate gradients and shortcut back-propagation.")
@@ -145,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32])
     be.add_argument("--repeats", type=int, default=20)
     be.set_defaults(func=_cmd_bench)
+    from .ablation import add_arguments as ablation_arguments  # no torch import
+
+    ab = sub.add_parser("ablation", help="several methods over several seeds of one config: "
+                        "mean ± std table and comparison plot")
+    ablation_arguments(ab)
+    ab.set_defaults(func=_cmd_ablation)
     return parser
 
 

@@ -79,10 +79,13 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Dataset name and place; ``limit_*`` take the first N (class-balanced) items."""
+    """Dataset name and place; training augmentation (``augment``: crop and flip, plus
+    ``autoaugment`` and ``cutout`` pixels); ``limit_*`` take the first N (class-balanced) items."""
     name: str = "fashion-mnist"
     root: Optional[str] = None
     augment: bool = False
+    autoaugment: bool = False
+    cutout: int = 0
     limit_train: Optional[int] = None
     limit_test: Optional[int] = None
     num_workers: int = 0
@@ -170,7 +173,7 @@ MINIMUM = {
     "optim.momentum": (0, True), "optim.weight_decay": (0, True), "optim.grad_clip": (0, False),
     "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),
     "data.limit_train": (1, True), "data.limit_test": (1, True), "data.num_workers": (0, True),
-    "data.size": (1, True), "surrogate_schedule.directions": (1, True),
+    "data.size": (1, True), "data.cutout": (0, True), "surrogate_schedule.directions": (1, True),
     "surrogate_schedule.delta": (0, False), "surrogate_schedule.eps": (0, False),
 }
 

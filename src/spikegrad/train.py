@@ -29,7 +29,7 @@ from .data import create_dataset, make_loader
 from .models import create_model
 from .schedules import AdaLiSchedule, DspikeTemperature
 
-__all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate", "resolve_device",
+__all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "loss_kwargs", "evaluate", "resolve_device",
            "load_inference_model"]
 
 
@@ -74,6 +74,13 @@ def model_kwargs(cfg: Config, info: dict) -> dict:
 def build_model(cfg: Config, info: dict) -> nn.Module:
     """The registry model a config describes."""
     return create_model(cfg.model.name, **model_kwargs(cfg, info))
+
+
+def loss_kwargs(cfg: Config) -> dict:
+    """The ``losses.create`` keyword arguments of ``cfg.loss``."""
+    lc = cfg.loss
+    return {"tet": {"lam": lc.lam, "phi": lc.phi},
+            "two": {"alpha": lc.alpha, "warmup": lc.warmup, "variant": lc.variant}}.get(lc.name, {})
 
 
 def seed_everything(seed: int) -> None:
@@ -203,19 +210,14 @@ class Trainer:
     def _build_data(self) -> None:
         d, T = self.cfg.data, self.cfg.model.T
         self.train_set = create_dataset(d.name, d.root, "train", T=T, frames=d.frames, size=d.size,
-                                        augment=d.augment, limit=d.limit_train)
+                                        augment=d.augment, autoaugment=d.autoaugment,
+                                        cutout=d.cutout, limit=d.limit_train)
         self.test_set = create_dataset(d.name, d.root, "test", T=T, frames=d.frames, size=d.size,
                                        augment=False, limit=d.limit_test)
         self.info = dataset_info(self.train_set)
 
     def _loss_kwargs(self) -> dict:
-        return self._loss_kwargs_of(self.cfg)
-
-    @staticmethod
-    def _loss_kwargs_of(cfg: Config) -> dict:
-        lc = cfg.loss
-        return {"tet": {"lam": lc.lam, "phi": lc.phi},
-                "two": {"alpha": lc.alpha, "warmup": lc.warmup, "variant": lc.variant}}.get(lc.name, {})
+        return loss_kwargs(self.cfg)
 
     def train_loader(self, epoch: int, start_batch: int = 0) -> Any:
         """This rank's batches of ``epoch`` (a pure function of seed and epoch)."""
@@ -491,7 +493,7 @@ def load_inference_model(path: str | Path) -> tuple[nn.Module, losses.RateCE, di
         T = state["model_kwargs"].get("T", 1)
         if state["kind"] == "run":
             cfg = load_run_config(state)
-            objective = losses.create(cfg.loss.name, T, **Trainer._loss_kwargs_of(cfg))
+            objective = losses.create(cfg.loss.name, T, **loss_kwargs(cfg))
             method = methods.create(cfg.method, objective)
             net = method.wrap(model)
             net.load_state_dict(state["net"])
