@@ -467,8 +467,26 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "final_acc": final.get("test_acc"),
                    "best_acc": self.best_acc, "epochs": self.epoch}
         plots.plot_run(self.run_dir)
+        peers = self._sibling_runs()
+        if len(peers) > 1:
+            plots.plot_compare(peers, self.run_dir / "plots" / "compare_methods.png")
         report.write(self.run_dir, self.cfg, self.history, self._sops())
         return summary
+
+    def _sibling_runs(self) -> dict[str, Path]:
+        """Finished runs beside this one with the same model and data but another method
+        (e.g. vanilla beside evolutionary), labelled by method, this run included."""
+        runs = {self.cfg.method.name: self.run_dir}
+        for other in sorted(self.run_dir.parent.iterdir()):
+            try:
+                cfg = yaml.safe_load((other / "config.yaml").read_text())
+                finished = (other / "report.md").is_file() and (other / "metrics.jsonl").is_file()
+                same = cfg["model"] == to_dict(self.cfg)["model"] and cfg["data"]["name"] == self.cfg.data.name
+            except (OSError, yaml.YAMLError, KeyError, TypeError):
+                continue
+            if finished and same and cfg["method"]["name"] not in runs:
+                runs[cfg["method"]["name"]] = other
+        return runs
 
     @torch.no_grad()
     def _sops(self) -> dict:
