@@ -13,7 +13,7 @@ from spikegrad.cli import main
 from spikegrad.config import ConfigError, load_config
 
 FAST = ["epochs=2", "data.limit_train=1024", "data.limit_test=500", "model.width=0.125",
-        "model.T=2", "batch_size=32", "log_every=8", "neuron.backend=eager"]
+        "model.T=2", "batch_size=32", "log_every=8", "neuron.backend=eager", "method.per_step=false"]
 
 
 def _sets(items):
