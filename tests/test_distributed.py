@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,6 +51,17 @@ def _assert_close(a, b):
         assert torch.allclose(value, b["net"][key], atol=1e-5, rtol=0), key
 
 
+def _kill_strays(marker: str) -> None:
+    """SIGKILL any worker still running with ``marker`` on its command line (torchrun's
+    workers may sit outside the killed process group)."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if marker in cmdline.read_bytes().decode(errors="replace"):
+                os.kill(int(cmdline.parent.name), signal.SIGKILL)
+        except (OSError, ValueError):
+            continue
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
@@ -81,6 +93,7 @@ def test_killed_distributed_run_resumes_to_the_same_weights(single, tmp_path):
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    _kill_strays(str(tmp_path))
     assert 0 < _weights(run)["step"] < 16, "the run was meant to be interrupted"
     resumed = subprocess.run(_torchrun("--resume", str(run)), capture_output=True, text=True,
                              timeout=600, env=_env())
