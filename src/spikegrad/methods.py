@@ -77,6 +77,10 @@ def create(cfg: Any, objective: RateCE) -> Method:
     """The method of ``cfg.method`` (a ``MethodConfig``)."""
     if cfg.name in ("vanilla", "ann"):
         return Method(objective)
+    if cfg.name == "ltl":
+        from .tandem import LTL  # tandem imports this module
+
+        return LTL(objective, cfg.teacher, cfg.finetune_epochs)
     if cfg.name == "shortcut":
         schedule = BalanceSchedule("constant", value=cfg.lam)
     elif cfg.name == "evolutionary":
