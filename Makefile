@@ -14,7 +14,7 @@ test: setup data
 	$(PY) -m pytest
 
 bench: setup
-	$(PY) -m spikegrad bench
+	$(PY) -m spikegrad bench step --threads 1 --out runs/bench
 
 setup: $(STAMP)
 

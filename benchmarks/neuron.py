@@ -2,14 +2,11 @@
 
     .venv/bin/python benchmarks/neuron.py [--shape 4 32 64 32 32] [--repeats 20]
 
-The same as ``spikegrad bench``; results are recorded in docs/performance.md.
+The same as ``spikegrad bench neuron``; method in docs/performance.md.
 """
-import argparse
+import sys
 
-from spikegrad import bench
+from spikegrad.cli import main
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32])
-    parser.add_argument("--repeats", type=int, default=20)
-    bench.main(parser.parse_args())
+    main(["bench", "neuron", *sys.argv[1:]])

@@ -1,67 +1,552 @@
-"""Benchmarks: forward+backward time of one multi-step LIF layer per backend, side by
-side with SpikingJelly in the same process (``spikegrad bench``).
+"""Benchmarks, side by side with the peer libraries on the same machine and in one command.
 
-Medians and interquartile ranges of timed runs after warm-up (which includes the
-cold compile of the fused backend); ratios are to the reference backend's median.
+``spikegrad bench step`` (the default): the training step (forward, backward,
+optimizer) of a CIFAR-size network (ResNet-18 at batch 32 by default) for the ANN
+twin, spikegrad at each T and neuron backend, SpikingJelly's multi-step network and
+snnTorch's network called once per time step, with and without shortcut branches.
+Each configuration runs in its own subprocess, so its peak RSS is its own (RSS never
+goes down); on CUDA the peak is ``max_memory_allocated``. Reports medians, spreads
+and the ratios SNN(T) / (T x ANN), spikegrad / peer and shortcut / no-shortcut as a
+markdown table and a JSON file.
+
+``spikegrad bench neuron``: forward+backward of one multi-step LIF layer per
+backend, beside SpikingJelly's ``LIFNode``.
+
+Method and recorded results: docs/performance.md.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import importlib
+import importlib.metadata
+import importlib.util
+import json
+import os
 import platform
+import resource
+import shlex
 import statistics
+import subprocess
+import sys
 import time
-from typing import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
+from torch import Tensor, nn
 
-from . import neuron, surrogate as sg
+from . import losses, neuron, surrogate as sg
+from .layers import Head
+from .models import create_model, list_models
+from .shortcut import ShortcutNet
 
-__all__ = ["time_step", "candidates", "main"]
+__all__ = ["main", "neuron_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
+           "plan", "build_net", "measure", "run_isolated", "add_ratios", "markdown", "PeerNet",
+           "SpikingJellyNet", "SnnTorchNet", "PEER_MODELS", "PEERS", "BACKENDS"]
+
+PEERS = ("spikingjelly", "snntorch")
+BACKENDS = ("torch", "eager", "fused")
+# CIFAR ResNets the peers are built for: model name -> (blocks per stage, base widths)
+PEER_MODELS = {"resnet18": ([2, 2, 2, 2], [64, 128, 256, 512]),
+               "resnet20": ([3, 3, 3], [16, 32, 64]),
+               "resnet34": ([3, 4, 6, 3], [64, 128, 256, 512])}
+IMAGE, CHANNELS, CLASSES = 32, 3, 10  # CIFAR-size input and classes
+LR, MOMENTUM, WEIGHT_DECAY, LAMBDA = 0.01, 0.9, 5e-4, 0.5  # SGD; shortcut balance coefficient
+STEP_DEFAULTS = {"width": 1.0, "batch": 32, "T": [1, 2, 4, 6], "repeats": 5, "warmup": 2,
+                 "threads": torch.get_num_threads()}
+QUICK_DEFAULTS = {"width": 1 / 16, "batch": 2, "T": [1, 2], "repeats": 2, "warmup": 1, "threads": 1}
+_WORKER = "import sys; from spikegrad.bench import worker; worker(sys.argv[1])"
 
 
-def time_step(layer: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-              repeats: int, warmup: int = 3) -> list[float]:
-    """Seconds of ``layer(x).backward`` per run, ``repeats`` runs after ``warmup``."""
-    upstream = torch.randn_like(x)
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, quartiles (inclusive method), min and max of at least two run times, in seconds."""
+    if len(times) < 2:
+        raise ValueError(f"a spread needs at least 2 timed runs, got {len(times)}")
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return {"median_s": statistics.median(times), "q1_s": q1, "q3_s": q3,
+            "min_s": min(times), "max_s": max(times)}
+
+
+def time_runs(run: Callable[[], Any], repeats: int, warmup: int,
+              sync: Callable[[], None] = lambda: None) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``run()`` after ``warmup`` untimed ones.
+
+    ``sync`` waits for the device (``torch.cuda.synchronize`` on CUDA) around each call.
+    """
     times = []
     for i in range(warmup + repeats):
-        xi = x.clone().requires_grad_()
+        sync()
         start = time.perf_counter()
-        (layer(xi) * upstream).sum().backward()
+        run()
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return times
 
 
-def candidates() -> dict[str, Callable]:
-    """Layers to compare, all LIF tau=2, hard reset to 0, ATan(alpha=2)."""
-    layers = {f"spikegrad {b}": neuron.LIF(tau=2.0, surrogate=sg.ATan(), backend=b)
-              for b in ("torch", "eager", "fused")}
-    try:
-        from spikingjelly.activation_based import neuron as sjn, surrogate as sjs
-    except ImportError as err:
-        print(f"(SpikingJelly not measured: {err})")
+# --- the neuron-level benchmark -------------------------------------------------------------
+
+def candidates() -> dict[str, Callable[[Tensor], Tensor]]:
+    """Layers to compare, all LIF tau=2, hard reset to 0, ATan(alpha=2): ``[T, B, ...] -> [T, B, ...]``."""
+    layers: dict[str, Callable[[Tensor], Tensor]] = {
+        f"spikegrad {b}": neuron.LIF(tau=2.0, surrogate=sg.ATan(), backend=b) for b in BACKENDS}
+    if importlib.util.find_spec("spikingjelly") is None:
+        print("(SpikingJelly not measured: not installed)")
         return layers
+    from spikingjelly.activation_based import functional as sjf, neuron as sjn, surrogate as sjs
+
     sj = sjn.LIFNode(tau=2.0, decay_input=False, surrogate_function=sjs.ATan(), step_mode="m")
 
-    def sj_layer(x: torch.Tensor) -> torch.Tensor:
-        sj.reset()  # SpikingJelly keeps membrane state on the module between calls
+    def sj_layer(x: Tensor) -> Tensor:
+        sjf.reset_net(sj)  # SpikingJelly keeps membrane state on the module between calls
         return sj(x)
 
-    layers["SpikingJelly 2.0 LIFNode (m)"] = sj_layer
+    layers["SpikingJelly LIFNode (m)"] = sj_layer
     return layers
 
 
-def main(args: argparse.Namespace) -> None:
-    """Print the neuron table for ``args.shape`` and ``args.repeats``."""
+def neuron_main(args: argparse.Namespace) -> None:
+    """Print the neuron table: ``args.shape`` ``[T, B, ...]``, ``args.repeats`` timed runs each."""
+    if args.repeats < 2:
+        raise ValueError(f"--repeats must be at least 2 (the spread needs two runs), got {args.repeats}")
     x = torch.randn(*args.shape) * 0.8 + 0.5
-    print(f"shape {args.shape}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads\n")
+    upstream = torch.randn_like(x)
+    print(f"shape {args.shape}, torch {torch.__version__}, {_cpu_name()}, {torch.get_num_threads()} threads\n")
     print("| layer | median ms | IQR ms | ratio to reference |\n|---|---|---|---|")
     reference = None
     for name, layer in candidates().items():
-        times = sorted(time_step(layer, x, args.repeats))
-        median = statistics.median(times)
-        q1, q3 = times[len(times) // 4], times[(3 * len(times)) // 4]
-        reference = reference or median
-        print(f"| {name} | {median * 1e3:.1f} | {(q3 - q1) * 1e3:.1f} | {median / reference:.2f} |")
+        stats = summarize(time_runs(lambda: (layer(x.clone().requires_grad_()) * upstream).sum().backward(),
+                                    args.repeats, warmup=3))
+        reference = reference or stats["median_s"]
+        print(f"| {name} | {stats['median_s'] * 1e3:.1f} | {(stats['q3_s'] - stats['q1_s']) * 1e3:.1f} "
+              f"| {stats['median_s'] / reference:.2f} |")
+
+
+# --- the peers' networks --------------------------------------------------------------------
+
+class Parts(NamedTuple):
+    """A library's building blocks: ``conv_bn(c_in, c_out, kernel, stride)`` (conv without bias, then
+    BN) and ``neuron()`` (LIF tau=2, input not decayed, hard reset to 0, ATan(alpha=2))."""
+
+    conv_bn: Callable[[int, int, int, int], nn.Module]
+    neuron: Callable[[], nn.Module]
+
+
+class PeerBlock(nn.Module):
+    """spikegrad's BasicBlock from a peer's parts: ``sn2(BN(conv(sn1(BN(conv(x))))) + downsample(x))``.
+
+    Shapes are whatever the parts take: ``[T, B, C, H, W]`` (multi-step) or ``[B, C, H, W]`` (one step).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, parts: Parts) -> None:
+        super().__init__()
+        self.conv1, self.sn1 = parts.conv_bn(in_channels, out_channels, 3, stride), parts.neuron()
+        self.conv2, self.sn2 = parts.conv_bn(out_channels, out_channels, 3, 1), parts.neuron()
+        same = stride == 1 and in_channels == out_channels
+        self.downsample = nn.Identity() if same else parts.conv_bn(in_channels, out_channels, 1, stride)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sn2(self.conv2(self.sn1(self.conv1(x))) + self.downsample(x))
+
+
+class PeerNet(nn.Module):
+    """A CIFAR ResNet of ``PEER_MODELS`` built from a peer library's parts, with the interface of
+    ``SpikingNet`` that ``ShortcutNet`` uses (``stages``, ``stage_channels``, ``num_classes``,
+    ``forward(x, return_stages)``). ``x: [B, 3, H, W]`` -> logits ``[T, B, num_classes]``.
+    Subclasses say how the library runs the time steps (``run``).
+    """
+
+    def __init__(self, name: str, T: int, width: float, parts: Parts) -> None:
+        super().__init__()
+        blocks, widths = PEER_MODELS[name]
+        channels = [max(1, round(w * width)) for w in widths]  # as create_model's width
+        self.stem = nn.Sequential(parts.conv_bn(CHANNELS, channels[0], 3, 1), parts.neuron())
+        in_channels = channels[0]
+        for i, (n, out_channels) in enumerate(zip(blocks, channels), start=1):
+            self.add_module(f"layer{i}", nn.Sequential(*(
+                PeerBlock(in_channels if j == 0 else out_channels, out_channels,
+                          2 if i > 1 and j == 0 else 1, parts) for j in range(n))))
+            in_channels = out_channels
+        self.head = Head(in_channels, CLASSES)
+        self.all_stages = [f"layer{i}" for i in range(1, len(blocks) + 1)]
+        self.stages = self.all_stages[:-1]
+        self.stage_channels = dict(zip(self.all_stages, channels))
+        self.num_classes, self.T = CLASSES, T
+
+    def body(self, x: Tensor) -> list[Tensor]:
+        """Stem, then the output of every stage in ``all_stages`` order."""
+        outputs, x = [], self.stem(x)
+        for name in self.all_stages:
+            x = self._modules[name](x)
+            outputs.append(x)
+        return outputs
+
+    def run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``x: [B, C, H, W]`` -> (logits ``[T, B, K]``, stage outputs ``[T, B, C_l, H_l, W_l]``)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, return_stages: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+        logits, outputs = self.run(x)
+        return (logits, outputs[:-1]) if return_stages else logits
+
+
+class SpikingJellyNet(PeerNet):
+    """SpikingJelly's multi-step network: ``layer.Conv2d``/``BatchNorm2d`` and ``neuron.LIFNode``,
+    all ``step_mode='m'``, run once on ``[T, B, ...]`` after ``functional.reset_net``."""
+
+    def __init__(self, name: str, T: int, width: float) -> None:
+        from spikingjelly.activation_based import layer, neuron as sjn, surrogate as sjs
+
+        def conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Module:
+            return nn.Sequential(layer.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False, step_mode="m"),
+                                 layer.BatchNorm2d(c_out, step_mode="m"))
+
+        def lif() -> nn.Module:
+            return sjn.LIFNode(tau=2.0, decay_input=False, surrogate_function=sjs.ATan(alpha=2.0), step_mode="m")
+
+        super().__init__(name, T, width, Parts(conv_bn, lif))
+
+    def run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        from spikingjelly.activation_based import functional
+
+        functional.reset_net(self)
+        outputs = self.body(x.unsqueeze(0).repeat(self.T, 1, 1, 1, 1))
+        return self.head(outputs[-1]), outputs
+
+
+class SnnTorchNet(PeerNet):
+    """snnTorch's network: ``nn.Conv2d``/``nn.BatchNorm2d`` and ``snntorch.Leaky`` (beta = 1 - 1/tau,
+    reset to zero, ATan), the whole net called once per time step on ``[B, ...]``."""
+
+    def __init__(self, name: str, T: int, width: float) -> None:
+        import snntorch
+        from snntorch import surrogate as sts
+
+        def conv_bn(c_in: int, c_out: int, kernel: int, stride: int) -> nn.Module:
+            return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+                                 nn.BatchNorm2d(c_out))
+
+        def lif() -> nn.Module:
+            return snntorch.Leaky(beta=0.5, spike_grad=sts.atan(alpha=2.0), init_hidden=True,
+                                  reset_mechanism="zero")
+
+        super().__init__(name, T, width, Parts(conv_bn, lif))
+        self._leaky = snntorch.Leaky
+
+    def run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        for m in self.modules():
+            if isinstance(m, self._leaky):
+                m.reset_mem()
+        steps = [self.body(x) for _ in range(self.T)]
+        logits = torch.stack([self.head(outputs[-1]) for outputs in steps])
+        return logits, [torch.stack(stage) for stage in zip(*steps)]
+
+
+# --- one training step ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setup:
+    """What every configuration of one benchmark run shares."""
+
+    model: str
+    width: float
+    batch: int
+    repeats: int
+    warmup: int
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration: ``net`` is ``ann``, ``spikegrad`` or a peer; ``backend`` the neuron backend
+    (``-`` for the ANN, ``auto`` for SpikingJelly's own choice, ``torch`` for snnTorch)."""
+
+    net: str
+    backend: str
+    T: int
+    shortcut: bool
+
+    @property
+    def name(self) -> str:
+        """The network's name in reports, e.g. ``spikegrad fused``."""
+        return {"ann": "ANN twin", "spikegrad": f"spikegrad {self.backend}",
+                "spikingjelly": "SpikingJelly", "snntorch": "snnTorch"}[self.net]
+
+    @property
+    def label(self) -> str:
+        """The configuration in one line, e.g. ``spikegrad fused T=4 +shortcut``."""
+        return f"{self.name} T={self.T}" + (" +shortcut" if self.shortcut else "")
+
+
+def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
+         shortcuts: list[bool]) -> tuple[list[Case], list[dict[str, str]]]:
+    """The cases to run, and ``{"case", "reason"}`` for the peers that cannot run here."""
+    if model in PEER_MODELS:
+        missing = {p: "not installed" for p in peers if importlib.util.find_spec(p) is None}
+    else:
+        missing = {p: f"peer networks are built for {', '.join(PEER_MODELS)} only" for p in peers}
+    runnable = [p for p in peers if p not in missing]
+    cases = []
+    for shortcut in shortcuts:
+        cases.append(Case("ann", "-", 1, shortcut))
+        for T in ts:
+            cases += [Case("spikegrad", b, T, shortcut) for b in backends]
+            cases += [Case(p, "auto" if p == "spikingjelly" else "torch", T, shortcut) for p in runnable]
+    return cases, [{"case": p, "reason": reason} for p, reason in missing.items()]
+
+
+def build_net(setup: Setup, case: Case) -> nn.Module:
+    """The network of ``case``, wrapped in ``ShortcutNet`` (branches at every stage but the last)
+    when ``case.shortcut``; ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]`` (and branch logits)."""
+    if case.net == "ann":
+        net: nn.Module = create_model(setup.model, CLASSES, T=1, width=setup.width, neuron={"type": "relu"})
+    elif case.net == "spikegrad":
+        net = create_model(setup.model, CLASSES, T=case.T, width=setup.width, backend=case.backend)
+    else:
+        peer = {"spikingjelly": SpikingJellyNet, "snntorch": SnnTorchNet}[case.net]
+        net = peer(setup.model, case.T, setup.width)
+    return ShortcutNet(net) if case.shortcut else net  # type: ignore[arg-type]  # a PeerNet quacks like one
+
+
+def _training_step(net: nn.Module, shortcut: bool, x: Tensor, y: Tensor) -> Callable[[], None]:
+    """One SGD step of rate cross-entropy (combined with the branches' logits when ``shortcut``)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    criterion = losses.RateCE().loss
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        out = net(x)
+        loss = net.loss(*out, y, LAMBDA, criterion) if shortcut else criterion(out, y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def _peak_mib(device: torch.device) -> float:
+    """CUDA: the most memory allocated since the last reset; CPU: this process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def measure(setup: Setup, case: Case, own_process: bool) -> dict[str, Any]:
+    """Time ``setup.repeats`` training steps of ``case`` after ``setup.warmup`` untimed ones.
+
+    Returns the case's fields, ``params``, ``times_s``, ``summarize``'s statistics, and
+    ``peak_mib``/``base_mib`` (peak memory, and the same before the model was built): on
+    CPU only when ``own_process`` (this process runs nothing else), else None.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(setup.threads)
+    try:
+        return _measure(setup, case, own_process)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure(setup: Setup, case: Case, own_process: bool) -> dict[str, Any]:
+    """``measure`` at the threads already set."""
+    device = torch.device(setup.device)
+    if case.net in PEERS:
+        importlib.import_module(case.net)  # its import is part of the base, not of the step
+    memory = device.type == "cuda" or own_process
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = _peak_mib(device) if memory else None
+    torch.manual_seed(0)
+    net = build_net(setup, case).to(device).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(setup.batch, CHANNELS, IMAGE, IMAGE, generator=gen).to(device)
+    y = torch.randint(0, CLASSES, (setup.batch,), generator=gen).to(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    times = time_runs(_training_step(net, case.shortcut, x, y), setup.repeats, setup.warmup, sync)
+    params = sum(p.numel() for p in net.parameters())
+    return {**asdict(case), "name": case.name, "label": case.label, "params": params, "times_s": times,
+            **summarize(times), "peak_mib": _peak_mib(device) if memory else None, "base_mib": base}
+
+
+def worker(spec: str) -> None:
+    """Subprocess entry: ``spec`` is JSON ``{"setup": ..., "case": ...}``; prints ``measure``'s JSON."""
+    parsed = json.loads(spec)
+    print(json.dumps(measure(Setup(**parsed["setup"]), Case(**parsed["case"]), own_process=True)))
+
+
+def run_isolated(setup: Setup, case: Case) -> dict[str, Any]:
+    """``measure`` in a fresh Python process (so the peak RSS is this case's alone)."""
+    spec = json.dumps({"setup": asdict(setup), "case": asdict(case)})
+    done = subprocess.run([sys.executable, "-c", _WORKER, spec], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
+        raise RuntimeError(lines[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- ratios and the report ------------------------------------------------------------------
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Set each row's ``ratios`` from the measured medians and peaks of the rows it compares to.
+
+    ``per_T_ann``: median / (T x the ANN twin's median, same shortcut setting), every SNN row;
+    ``vs_<peer>`` and ``memory_vs_<peer>``: spikegrad / the peer at the same T and shortcut
+    setting; ``shortcut_over_plain`` and ``memory_shortcut_over_plain``: a shortcut row / the
+    same configuration without branches. A ratio whose reference was not measured is None.
+    """
+    index = {(r["net"], r["backend"], r["T"], r["shortcut"]): r for r in rows}
+    by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows}
+    for r in rows:
+        ratios: dict[str, float | None] = {}
+        if r["net"] != "ann":
+            ann = by_net.get(("ann", 1, r["shortcut"]))
+            ratios["per_T_ann"] = _ratio(r["median_s"], ann and r["T"] * ann["median_s"])
+        if r["net"] == "spikegrad":
+            for peer in PEERS:
+                ref = by_net.get((peer, r["T"], r["shortcut"])) or {}
+                ratios[f"vs_{peer}"] = _ratio(r["median_s"], ref.get("median_s"))
+                ratios[f"memory_vs_{peer}"] = _ratio(r["peak_mib"], ref.get("peak_mib"))
+        if r["shortcut"]:
+            plain = index.get((r["net"], r["backend"], r["T"], False)) or {}
+            ratios["shortcut_over_plain"] = _ratio(r["median_s"], plain.get("median_s"))
+            ratios["memory_shortcut_over_plain"] = _ratio(r["peak_mib"], plain.get("peak_mib"))
+        r["ratios"] = ratios
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+COLUMNS = [("net", lambda r: r["name"]), ("T", lambda r: str(r["T"])),
+           ("median ms", lambda r: _fmt(r["median_s"] * 1e3, 1)),
+           ("IQR ms", lambda r: _fmt((r["q3_s"] - r["q1_s"]) * 1e3, 1)),
+           ("peak MiB (before model)", lambda r: "–" if r["peak_mib"] is None
+            else f"{r['peak_mib']:.0f} ({r['base_mib']:.0f})"),
+           ("SNN / (T x ANN)", lambda r: _fmt(r["ratios"].get("per_T_ann"))),
+           ("/ SpikingJelly", lambda r: _fmt(r["ratios"].get("vs_spikingjelly"))),
+           ("/ snnTorch", lambda r: _fmt(r["ratios"].get("vs_snntorch"))),
+           ("mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("memory_vs_spikingjelly")))]
+SHORTCUT_COLUMNS = [("shortcut / plain", lambda r: _fmt(r["ratios"].get("shortcut_over_plain"))),
+                    ("mem shortcut / plain", lambda r: _fmt(r["ratios"].get("memory_shortcut_over_plain")))]
+
+
+def _table(rows: list[dict[str, Any]], columns: list) -> list[str]:
+    lines = ["| " + " | ".join(name for name, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report: the settings, one table per shortcut setting, and what was not measured."""
+    meta = result["meta"]
+    memory = {"cuda": "max allocated", "cpu": "peak RSS, one configuration per subprocess"}[meta["device"]]
+    lines = [f"## Training step: {meta['model']} (width {meta['width']:g}), batch {meta['batch']}, "
+             f"{IMAGE}x{IMAGE} input, {CLASSES} classes",
+             "",
+             f"{meta['date']}; {meta['machine']}; torch threads: {meta['threads']}; load average "
+             f"{meta['load_before']} before, {meta['load_after']} after; torch {meta['torch']}, "
+             f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}.",
+             f"Median and interquartile range of {meta['repeats']} steps after {meta['warmup']} warm-up "
+             f"steps; memory: {memory if meta['isolated'] or meta['device'] == 'cuda' else 'not measured'}.",
+             f"Command: `{meta['command']}`"]
+    for shortcut in (False, True):
+        rows = [r for r in result["rows"] if r["shortcut"] == shortcut]
+        if rows:
+            title = "With shortcut branches" if shortcut else "Without shortcut branches"
+            lines += ["", f"### {title}", "", *_table(rows, COLUMNS + (SHORTCUT_COLUMNS if shortcut else []))]
+    if result["not_measured"]:
+        lines += ["", "Not measured: " + "; ".join(f"{s['case']} ({s['reason']})" for s in result["not_measured"])]
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _load() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def _command(args: argparse.Namespace, s: dict[str, Any]) -> str:
+    """The ``spikegrad bench step`` command line that repeats this run (every option spelled out)."""
+    words = ["spikegrad", "bench", "step", "--model", args.model, "--width", f"{s['width']:g}",
+             "--batch", str(s["batch"]), "--T", *map(str, s["T"]), "--backends", *args.backends,
+             "--peers", *args.peers, "--shortcut", args.shortcut, "--repeats", str(s["repeats"]),
+             "--warmup", str(s["warmup"]), "--device", s["device"], "--threads", str(s["threads"])]
+    return shlex.join(words + (["--in-process"] if args.in_process else []))
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The options with ``--quick``'s or the full run's defaults filled in, validated."""
+    defaults = QUICK_DEFAULTS if args.quick else STEP_DEFAULTS
+    s = {key: default if getattr(args, key) is None else getattr(args, key) for key, default in defaults.items()}
+    if args.model not in list_models():
+        raise ValueError(f"unknown model {args.model!r}; expected one of {', '.join(list_models())}")
+    if not s["width"] > 0 or min(s["batch"], s["threads"], *s["T"]) < 1 or s["warmup"] < 0:
+        raise ValueError(f"--width, --batch and --threads must be positive, --T at least 1, --warmup at "
+                         f"least 0; got {s}")
+    if s["repeats"] < 2:
+        raise ValueError(f"--repeats must be at least 2 (the spread needs two runs), got {s['repeats']}")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: CUDA is not available to this torch build")
+    return {**s, "device": device}
+
+
+def step_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the training-step benchmark, print the report, write ``train_step.{md,json}`` to
+    ``args.out`` (if given) and return the result (``meta``, ``rows``, ``not_measured``)."""
+    s = _settings(args)
+    setup = Setup(args.model, s["width"], s["batch"], s["repeats"], s["warmup"], s["device"], s["threads"])
+    shortcuts = {"both": [False, True], "off": [False], "on": [True]}[args.shortcut]
+    cases, not_measured = plan(args.model, sorted(set(s["T"])), args.backends, args.peers, shortcuts)
+    meta = {**asdict(setup), "T": sorted(set(s["T"])), "isolated": not args.in_process,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs",
+            "torch": torch.__version__, "spikingjelly": _version("spikingjelly"), "snntorch": _version("snntorch"),
+            "python": platform.python_version(), "load_before": _load(),
+            "command": _command(args, s)}
+    rows = []
+    for i, case in enumerate(cases, start=1):
+        try:
+            rows.append(measure(setup, case, own_process=False) if args.in_process else run_isolated(setup, case))
+        except Exception as err:  # one failing configuration must not lose the others' numbers
+            not_measured.append({"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
+            print(f"[{i}/{len(cases)}] {case.label}: failed: {not_measured[-1]['reason']}", file=sys.stderr)
+            continue
+        print(f"[{i}/{len(cases)}] {case.label}: {rows[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr)
+    add_ratios(rows)
+    result = {"meta": {**meta, "load_after": _load()}, "rows": rows, "not_measured": not_measured}
+    text = markdown(result)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_step.md").write_text(text)
+        (out / "train_step.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out / 'train_step.md'} and {out / 'train_step.json'}", file=sys.stderr)
+    return result
+
+
+def main(args: argparse.Namespace) -> None:
+    """``spikegrad bench``: ``args.kind`` ``"step"`` (training step) or ``"neuron"`` (one LIF layer)."""
+    (neuron_main if args.kind == "neuron" else step_main)(args)

@@ -107,6 +107,8 @@ def _cmd_plot(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
+    if args.kind is None:  # `spikegrad bench` is `spikegrad bench step` with its defaults
+        args = _parser().parse_args(["bench", "step"])
     bench.main(args)
 
 
@@ -147,10 +149,35 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dirs", nargs="+")
     pl.add_argument("--out", help="comparison PNG (with several runs)")
     pl.set_defaults(func=_cmd_plot)
-    be = sub.add_parser("bench", help="neuron throughput per backend, side by side with SpikingJelly")
-    be.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32])
-    be.add_argument("--repeats", type=int, default=20)
+    be = sub.add_parser("bench", help="training-step (default) or neuron benchmarks, side by side "
+                        "with SpikingJelly and snnTorch")
     be.set_defaults(func=_cmd_bench)
+    kinds = be.add_subparsers(dest="kind", metavar="{step,neuron}")
+    st = kinds.add_parser("step", help="forward+backward+optimizer step of a CIFAR network: ANN twin, "
+                          "spikegrad per T and backend, peers; time, peak memory, ratios")
+    st.add_argument("--model", default="resnet18", help="registry name (peers: resnet18/20/34; default resnet18)")
+    st.add_argument("--width", type=float, help="channel multiplier (default 1; --quick 1/16)")
+    st.add_argument("--batch", type=int, help="batch size (default 32; --quick 2)")
+    st.add_argument("--T", type=int, nargs="+", help="time steps (default 1 2 4 6; --quick 1 2)")
+    st.add_argument("--backends", nargs="*", default=["torch", "eager", "fused"],
+                    choices=["torch", "eager", "fused"], help="spikegrad neuron backends (default all)")
+    st.add_argument("--peers", nargs="*", default=["spikingjelly", "snntorch"],
+                    choices=["spikingjelly", "snntorch"], help="peer libraries (default both; none: --peers)")
+    st.add_argument("--shortcut", choices=["both", "off", "on"], default="both",
+                    help="with and/or without shortcut branches (default both)")
+    st.add_argument("--repeats", type=int, help="timed steps per configuration (default 5; --quick 2)")
+    st.add_argument("--warmup", type=int, help="untimed steps first, compiling included (default 2; --quick 1)")
+    st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    st.add_argument("--threads", type=int, help="torch CPU threads (default torch's; --quick 1: a shared "
+                    "machine makes several threads wait on each other)")
+    st.add_argument("--in-process", action="store_true",
+                    help="run every configuration in this process (faster; no CPU memory figures)")
+    st.add_argument("--quick", action="store_true", help="tiny model for tests: the --quick defaults above")
+    st.add_argument("--out", metavar="DIR", help="write DIR/train_step.md and DIR/train_step.json")
+    ne = kinds.add_parser("neuron", help="forward+backward of one multi-step LIF layer per backend, "
+                          "beside SpikingJelly's LIFNode")
+    ne.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32], help="[T, B, ...]")
+    ne.add_argument("--repeats", type=int, default=20)
     from .ablation import add_arguments as ablation_arguments  # no torch import
 
     ab = sub.add_parser("ablation", help="several methods over several seeds of one config: "

@@ -1,0 +1,140 @@
+"""``spikegrad bench step --quick``: the report's structure and ratios, never a wall-clock time.
+
+The in-process run covers every network kind; the isolated run (one subprocess per
+configuration) covers the memory figures. The fused backend's cold compiles are left
+to test_neuron.py.
+"""
+import json
+import statistics
+
+import pytest
+
+from spikegrad.cli import main
+
+PEERS = ["spikingjelly", "snntorch"]
+
+
+def _run(out, *options):
+    main(["bench", "step", "--quick", "--out", str(out), *options])
+    return json.loads((out / "train_step.json").read_text()), (out / "train_step.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("bench"), "--in-process", "--backends", "torch", "eager")
+
+
+@pytest.fixture(scope="module")
+def isolated(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("bench"), "--T", "1", "--backends", "eager",
+                "--peers", "spikingjelly", "--shortcut", "off")
+
+
+def _rows(result):
+    return {(r["net"], r["backend"], r["T"], r["shortcut"]): r for r in result["rows"]}
+
+
+def _peer(result, peer, T, shortcut):
+    return next(r for r in result["rows"] if (r["net"], r["T"], r["shortcut"]) == (peer, T, shortcut))
+
+
+def test_every_configuration_is_measured_with_its_spread(in_process):
+    result, _ = in_process
+    meta = result["meta"]
+    assert (meta["width"], meta["batch"], meta["T"], meta["repeats"]) == (1 / 16, 2, [1, 2], 2)
+    assert result["not_measured"] == []
+    expected = {("ann", "-", 1, s) for s in (False, True)}
+    expected |= {("spikegrad", b, T, s) for b in ("torch", "eager") for T in (1, 2) for s in (False, True)}
+    expected |= {(p, "auto" if p == "spikingjelly" else "torch", T, s) for p in PEERS for T in (1, 2)
+                 for s in (False, True)}
+    assert set(_rows(result)) == expected and len(result["rows"]) == len(expected)
+    for r in result["rows"]:
+        times = r["times_s"]
+        assert len(times) == 2
+        assert r["median_s"] == pytest.approx(statistics.median(times))
+        assert (r["min_s"], r["max_s"]) == (min(times), max(times))
+        assert r["q1_s"] <= r["median_s"] <= r["q3_s"]
+        assert r["peak_mib"] is None and r["base_mib"] is None  # CPU memory needs its own process
+
+
+def test_peer_networks_have_the_same_parameters(in_process):
+    result, _ = in_process
+    for shortcut in (False, True):
+        counts = {r["params"] for r in result["rows"] if r["shortcut"] == shortcut}
+        assert len(counts) == 1, counts  # ANN twin, spikegrad, SpikingJelly, snnTorch: one shape
+    plain, branched = (next(r["params"] for r in result["rows"] if r["shortcut"] == s) for s in (False, True))
+    assert branched > plain
+
+
+def test_ratios_come_from_the_measured_medians(in_process):
+    result, _ = in_process
+    rows = _rows(result)
+    for (net, backend, T, shortcut), r in rows.items():
+        ratios = r["ratios"]
+        if net != "ann":
+            ann = rows[("ann", "-", 1, shortcut)]
+            assert ratios["per_T_ann"] == pytest.approx(r["median_s"] / (T * ann["median_s"]))
+        if net == "spikegrad":
+            for peer in PEERS:
+                ref = _peer(result, peer, T, shortcut)
+                assert ratios[f"vs_{peer}"] == pytest.approx(r["median_s"] / ref["median_s"])
+                assert ratios[f"memory_vs_{peer}"] is None
+        if shortcut:
+            plain = rows[(net, backend, T, False)]
+            assert ratios["shortcut_over_plain"] == pytest.approx(r["median_s"] / plain["median_s"])
+        else:
+            assert "shortcut_over_plain" not in ratios
+
+
+def _table_cells(text, title):
+    """``{(net, T): {column: cell}}`` of the markdown table under ``### title``."""
+    block = text.split(f"### {title}\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    header = [c.strip() for c in block[0].strip("|").split("|")]
+    assert set(block[1]) == {"|", "-"}
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in block[2:]]
+    return {(c["net"], int(c["T"])): c for c in cells}
+
+
+def test_markdown_tables_show_the_json_numbers(in_process):
+    result, text = in_process
+    for shortcut, title in ((False, "Without shortcut branches"), (True, "With shortcut branches")):
+        table = _table_cells(text, title)
+        rows = [r for r in result["rows"] if r["shortcut"] == shortcut]
+        assert len(table) == len(rows)
+        for r in rows:
+            cells = table[(r["name"], r["T"])]
+            assert cells["median ms"] == f"{r['median_s'] * 1e3:.1f}"
+            assert cells["IQR ms"] == f"{(r['q3_s'] - r['q1_s']) * 1e3:.1f}"
+            shown = {"SNN / (T x ANN)": "per_T_ann", "/ SpikingJelly": "vs_spikingjelly", "/ snnTorch": "vs_snntorch"}
+            if shortcut:
+                shown["shortcut / plain"] = "shortcut_over_plain"
+            for column, key in shown.items():
+                value = r["ratios"].get(key)
+                assert cells[column] == ("–" if value is None else f"{value:.2f}"), (r["label"], column)
+
+
+def test_isolated_runs_report_peak_rss_and_memory_ratios(isolated):
+    result, text = isolated
+    assert result["meta"]["isolated"] and result["not_measured"] == []
+    assert [(r["net"], r["T"]) for r in result["rows"]] == [("ann", 1), ("spikegrad", 1), ("spikingjelly", 1)]
+    for r in result["rows"]:
+        assert 0 < r["base_mib"] <= r["peak_mib"]
+    ours, peer = result["rows"][1], result["rows"][2]
+    assert ours["ratios"]["memory_vs_spikingjelly"] == pytest.approx(ours["peak_mib"] / peer["peak_mib"])
+    assert ours["ratios"]["vs_snntorch"] is None  # not asked for
+    cells = _table_cells(text, "Without shortcut branches")[("spikegrad eager", 1)]
+    assert cells["peak MiB (before model)"] == f"{ours['peak_mib']:.0f} ({ours['base_mib']:.0f})"
+    assert "With shortcut branches" not in text
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--repeats", "1"], "--repeats must be at least 2"),
+    (["--model", "resnet99"], "unknown model 'resnet99'"),
+    (["--T", "0"], "--T at least 1"),
+])
+def test_bad_options_end_in_one_line(options, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "step", "--quick", *options])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
