@@ -73,8 +73,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from . import __version__, checkpoint
-    from .train import load_inference_model
+    from . import checkpoint
+    from .train import load_inference_model, model_file
 
     out = Path(args.out)
     if out.suffix not in (".pt", ".nir"):
@@ -86,10 +86,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
         export_nir(model, out, dt=args.dt, input_size=args.input_size)
         print(f"wrote {out} (NIR graph, batch norm folded, dt={args.dt:g}, T={model.T})")
         return
-    decoder = {"name": type(objective).__name__.lower().replace("ratece", "ce"), **objective.state_dict()}
-    checkpoint.save({"kind": "model", "version": __version__, "model_name": state["model_name"],
-                     "model_kwargs": state["model_kwargs"], "state_dict": model.state_dict(),
-                     "decoder": decoder}, out)
+    checkpoint.save(model_file(model, state["model_name"], state["model_kwargs"], objective), out)
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters())} parameters)")
 
 

@@ -19,6 +19,8 @@ NAMES = ("ce", "tet", "two")
 class RateCE:
     """Rate-coded cross-entropy: ``CE(mean_t logits, y)``."""
 
+    name = "ce"  # the ``create`` name, stored with exported models
+
     def decode(self, logits: Tensor) -> Tensor:
         """``[T, B, K] -> [B, K]``: the mean over time."""
         return logits.mean(0)
@@ -38,6 +40,8 @@ class RateCE:
 class TET(RateCE):
     """Temporal efficient training (Deng et al., ICLR 2022): ``mean_t CE(o_t, y)``
     plus ``lam * MSE(o_t, phi)`` when ``lam > 0``. Decodes by the mean over time."""
+
+    name = "tet"
 
     def __init__(self, lam: float = 0.0, phi: float = 1.0) -> None:
         self.lam, self.phi = lam, phi
@@ -60,6 +64,8 @@ class TWO(RateCE):
     collected with ``observe`` and applied with ``end_epoch``. The weights are decoding
     state (``state_dict``), saved in checkpoints and exported models, not model weights.
     """
+
+    name = "two"
 
     def __init__(self, T: int, alpha: float = 0.3, warmup: int = 5,
                  variant: str = "official") -> None:

@@ -30,7 +30,7 @@ from .models import create_model
 from .schedules import AdaLiSchedule, DspikeTemperature
 
 __all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "loss_kwargs", "evaluate", "resolve_device",
-           "load_inference_model"]
+           "load_inference_model", "model_file"]
 
 
 class TrainingError(RuntimeError):
@@ -451,10 +451,8 @@ class Trainer:
 
     def export_state(self) -> dict:
         """The inference-only model file (``kind: model``)."""
-        return {"kind": "model", "version": __version__, "model_name": self.cfg.model.name,
-                "model_kwargs": model_kwargs(self.cfg, self.info),
-                "state_dict": self.method.export(self.net).state_dict(),
-                "decoder": {"name": self.cfg.loss.name, **self.objective.state_dict()}}
+        return model_file(self.method.export(self.net), self.cfg.model.name,
+                          model_kwargs(self.cfg, self.info), self.objective)
 
     # ------------------------------------------------------------------ end
     def _finish(self) -> dict:
@@ -500,6 +498,14 @@ class Trainer:
 def load_run_config(state: dict) -> Config:
     """The ``Config`` stored in a run checkpoint."""
     return from_dict(state["config"])
+
+
+def model_file(model: nn.Module, model_name: str, kwargs: dict, objective: losses.RateCE) -> dict:
+    """The inference-only model file (``kind: model``): what ``eval`` needs to rebuild
+    ``model`` without its run directory, decoding state included."""
+    return {"kind": "model", "version": __version__, "model_name": model_name, "model_kwargs": kwargs,
+            "state_dict": model.state_dict(),
+            "decoder": {"name": objective.name, **objective.state_dict()}}
 
 
 def load_inference_model(path: str | Path) -> tuple[nn.Module, losses.RateCE, dict]:
