@@ -14,15 +14,13 @@ __all__ = ["main"]
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .train import Trainer
+    from .train import Trainer, last_checkpoint
 
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the run directory's own config; drop --config")
         run_dir = Path(args.resume)
-        last = run_dir / "checkpoints" / "last.pt"
-        if not last.is_file():
-            raise ValueError(f"cannot resume: {str(last)!r} does not exist (is {str(run_dir)!r} a run directory?)")
+        last_checkpoint(run_dir)  # before reading its config.yaml, for the clearer message
         cfg = load_config(run_dir / "config.yaml", args.set)
         cfg.out, cfg.name = str(run_dir.parent), run_dir.name
     else:

@@ -11,6 +11,7 @@ the other surrogate arguments unless they are set in the same call.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -281,7 +282,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` strings to a nested dict (returns a new dict)."""
-    data = _deep_copy(data)
+    data = copy.deepcopy(data)
     pairs = [_parse_override(item) for item in overrides]
     set_keys = {k for k, _ in pairs}
     hints = _sections(Config)
@@ -300,14 +301,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             for arg in [k for k in node if k not in kept]:
                 del node[arg]
         node[parts[-1]] = value
-    return data
-
-
-def _deep_copy(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
     return data
 
 
@@ -331,10 +324,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _merge(base: dict, new: dict) -> dict:
-    out = _deep_copy(base)
+    out = copy.deepcopy(base)
     for key, value in new.items():
         if key == "surrogate" and isinstance(value, dict):
-            out[key] = _deep_copy(value)  # a surrogate table replaces the default wholesale
+            out[key] = copy.deepcopy(value)  # a surrogate table replaces the default wholesale
         elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:

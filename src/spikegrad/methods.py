@@ -15,7 +15,7 @@ from .losses import RateCE
 from .schedules import BalanceSchedule
 from .shortcut import ShortcutNet
 
-__all__ = ["Method", "Vanilla", "Shortcut", "create"]
+__all__ = ["Method", "Shortcut", "create"]
 
 
 class Method:
@@ -42,8 +42,6 @@ class Method:
         """``(loss, main logits [T, B, K])`` from the trained module's output."""
         return self.objective.loss(output, target), output
 
-
-Vanilla = Method
 
 
 class Shortcut(Method):

@@ -76,6 +76,15 @@ def build_model(cfg: Config, info: dict) -> nn.Module:
     return create_model(cfg.model.name, **model_kwargs(cfg, info))
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``run_dir/checkpoints/last.pt``, or ConfigError when there is none to resume from."""
+    last = Path(run_dir) / "checkpoints" / "last.pt"
+    if not last.is_file():
+        raise ConfigError(f"cannot resume: {str(last)!r} does not exist "
+                          f"(is {str(run_dir)!r} a run directory?)")
+    return last
+
+
 def loss_kwargs(cfg: Config) -> dict:
     """The ``losses.create`` keyword arguments of ``cfg.loss``."""
     lc = cfg.loss
@@ -158,10 +167,11 @@ class Trainer:
         if cfg.batch_size % self.world_size:
             raise ConfigError(f"config key 'batch_size' ({cfg.batch_size}) must be divisible by the "
                               f"number of processes ({self.world_size}); it is the global batch")
-        self._check_run_dir(resume)
+        if resume:
+            last_checkpoint(self.run_dir)
         seed_everything(cfg.seed)
         self._build_data()
-        self.objective = losses.create(cfg.loss.name, cfg.model.T, **self._loss_kwargs())
+        self.objective = losses.create(cfg.loss.name, cfg.model.T, **loss_kwargs(cfg))
         self.model = build_model(cfg, self.info).to(self.device)
         self.method = methods.create(cfg.method, self.objective)
         self.net = self.method.wrap(self.model).to(self.device)
@@ -175,17 +185,12 @@ class Trainer:
         self.best_acc, self.history, self.sums = -1.0, [], {}
         self._prepare_run_dir(resume, overwrite)  # only once everything above has been validated
         if resume:
-            self._load(checkpoint.load(self.run_dir / "checkpoints" / "last.pt", kind="run"))
+            self._load(checkpoint.load(last_checkpoint(self.run_dir), kind="run"))
         self.runner = distributed.wrap(self.net, self.world, self.device, cfg.sync_bn)
         if cfg.compile:
             self.runner = torch.compile(self.runner)
 
     # ----------------------------------------------------------------- set-up
-    def _check_run_dir(self, resume: bool) -> None:
-        last = self.run_dir / "checkpoints" / "last.pt"
-        if resume and not last.is_file():
-            raise ConfigError(f"cannot resume: {str(last)!r} does not exist")
-
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
         if self.run_dir.exists() and not (resume or overwrite):
             raise ConfigError(f"run directory {str(self.run_dir)!r} exists; pass --resume to "
@@ -216,9 +221,6 @@ class Trainer:
                                        augment=False, limit=d.limit_test)
         self.info = dataset_info(self.train_set)
 
-    def _loss_kwargs(self) -> dict:
-        return loss_kwargs(self.cfg)
-
     def train_loader(self, epoch: int, start_batch: int = 0) -> Any:
         """This rank's batches of ``epoch`` (a pure function of seed and epoch)."""
         return make_loader(self.train_set, self.cfg.batch_size // self.world_size, shuffle=True,
@@ -239,25 +241,22 @@ class Trainer:
         x, y = next(iter(loader))
         return x.to(self.device), y.to(self.device)
 
-    def _dspike_surrogates(self) -> list:
-        return [getattr(s, "base", s) for s in self.surrogates
-                if isinstance(getattr(s, "base", s), sg.Dspike)]
-
-    def _adali_surrogates(self) -> list:
-        return [getattr(s, "base", s) for s in self.surrogates
-                if isinstance(getattr(s, "base", s), sg.AdaLi)]
+    def _surrogates_of(self, kind: type) -> list:
+        """The model's surrogates of ``kind``, looking inside MSG's wrapper."""
+        bases = [getattr(s, "base", s) for s in self.surrogates]
+        return [s for s in bases if isinstance(s, kind)]
 
     def _start_epoch(self, epoch: int) -> dict:
         """Move the surrogate schedules for ``epoch``; returns what to log."""
         logged: dict = {}
         if self.cfg.surrogate_schedule.name == "none":
             return logged
-        adalis = self._adali_surrogates()
+        adalis = self._surrogates_of(sg.AdaLi)
         if adalis and epoch == 0 and self.batch == 0 and self.cfg.surrogate_schedule.calibrate:
             self._calibrate_adali(adalis)
         for s in adalis:
             logged["adali_L"], logged["adali_R"] = self.adali(s, epoch, self.cfg.epochs)
-        dspikes = self._dspike_surrogates()
+        dspikes = self._surrogates_of(sg.Dspike)
         if dspikes and epoch > 0 and self.batch == 0:
             x, y = self._fixed_batch()
             weight = dict(self.model.named_modules())[monitor.layer_names(self.model)[0]].weight
@@ -420,7 +419,7 @@ class Trainer:
             "metrics_bytes": self._metrics_size(),
             "dspike": self.dspike.state_dict(), "rng": rng_state(),
             "msg_rng": [s.get_rng_state() for s in self.surrogates if isinstance(s, sg.MSG)],
-            "adali": [s.config() for s in self._adali_surrogates()],
+            "adali": [s.config() for s in self._surrogates_of(sg.AdaLi)],
         }
 
     def _metrics_size(self) -> int:
@@ -445,7 +444,7 @@ class Trainer:
         self.dspike.load_state_dict(state["dspike"])
         for s, gen_state in zip([s for s in self.surrogates if isinstance(s, sg.MSG)], state["msg_rng"]):
             s.set_rng_state(gen_state)
-        for s, saved in zip(self._adali_surrogates(), state["adali"]):
+        for s, saved in zip(self._surrogates_of(sg.AdaLi), state["adali"]):
             s.alpha, s.beta, s.L_max, s.R_max = saved["alpha"], saved["beta"], saved["L"], saved["R"]
         set_rng_state(state["rng"])
 
