@@ -24,8 +24,6 @@ from torch import Tensor
 
 __all__ = ["lif", "charge", "reset", "forward_scan", "backward_scan"]
 
-torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
     """One step's pre-spike membrane ``h`` from ``v`` and input ``x`` (same shapes).
@@ -98,6 +96,8 @@ def backward(h_seq: Tensor, v_init: Tensor, x_seq: Tensor | None, grad_spikes: T
 
 @functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
+    # one graph per (surrogate type, options, dtype): allow more than dynamo's default 8
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn)
 
 
