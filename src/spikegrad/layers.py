@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .memory import BatchNorm2d
 from .neuron import IF, LIF, PLIF, BaseNeuron
 from .surrogate import Surrogate
 
@@ -144,9 +145,10 @@ class ClampReLU(nn.Module):
             raise ValueError(f"clamp_max must be a positive number, got {clamp_max!r}")
         self.clamp_max = None if clamp_max is None else float(clamp_max)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x`` clamped to ``[0, clamp_max]`` (same shape)."""
-        return torch.clamp(x, min=0.0, max=self.clamp_max)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x (+ residual)`` clamped to ``[0, clamp_max]`` (same shape); ``residual`` as in
+        the spiking neurons' ``forward``."""
+        return torch.clamp(x if residual is None else x + residual, min=0.0, max=self.clamp_max)
 
     def extra_repr(self) -> str:
         return f"clamp_max={self.clamp_max}"
@@ -179,10 +181,11 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: i
             norm: str = "bn") -> SeqToANN:
     """``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H/stride, W/stride]``: a same-padded conv, then BN.
 
-    Children ``conv`` and ``bn``; with ``norm="none"`` only ``conv``, which then has a bias.
+    Children ``conv`` and ``bn`` (``memory.BatchNorm2d``: saves its output, which the
+    neuron after it saves too); with ``norm="none"`` only ``conv``, which then has a bias.
     """
     conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none")
-    parts = [("conv", conv)] + ([("bn", nn.BatchNorm2d(out_channels))] if norm == "bn" else [])
+    parts = [("conv", conv)] + ([("bn", BatchNorm2d(out_channels))] if norm == "bn" else [])
     return SeqToANN(OrderedDict(parts))
 
 

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import surrogate as sg
+from .memory import mark_spikes
 from .kernels import fused
 
 __all__ = ["lif_multistep", "LIF", "IF", "PLIF", "BaseNeuron", "BACKENDS", "default_backend"]
@@ -89,20 +90,22 @@ def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2
 
 def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
          v_threshold: float, v_reset: float | None, detach_reset: bool,
-         surrogate: sg.Surrogate, backend: str, return_state: bool):
+         surrogate: sg.Surrogate, backend: str, return_state: bool, residual: Tensor | None = None):
     decay_input = decay_input and not (isinstance(decay, float) and decay == 0.0)  # IF: no leak
-    if v_init is None:
-        v_init = torch.full_like(x_seq[0], 0.0 if v_reset is None else v_reset)
-    elif v_init.shape != x_seq.shape[1:]:
+    if v_init is not None and v_init.shape != x_seq.shape[1:]:
         raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
                          f"got {tuple(v_init.shape)}")
     backend = default_backend() if backend == "auto" else backend
     if backend == "torch":
+        v_init = fused.resting(x_seq, v_reset) if v_init is None else v_init
+        x_seq = x_seq if residual is None else x_seq + residual
         spikes, v = _reference(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
                                detach_reset, surrogate)
     else:
         spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
-                              detach_reset, surrogate, compiled=backend == "fused")
+                              detach_reset, surrogate, compiled=backend == "fused", residual=residual)
+    if surrogate.spiking:
+        mark_spikes(spikes)
     return (spikes, v) if return_state else spikes
 
 
@@ -128,12 +131,27 @@ class BaseNeuron(nn.Module):
         """The per-step leak ``1/tau`` (0 for IF)."""
         raise NotImplementedError
 
-    def forward(self, x_seq: Tensor, v_init: Tensor | None = None,
-                return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """``x_seq: [T, B, ...]`` -> spikes ``[T, B, ...]`` (and ``v_final: [B, ...]``)."""
+    def forward(self, x_seq: Tensor, v_init: Tensor | None = None, return_state: bool = False,
+                residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """``x_seq: [T, B, ...]`` -> spikes ``[T, B, ...]`` (and ``v_final: [B, ...]``).
+
+        ``residual`` (same shape) is added to the input: ``sn(x, residual=r)`` equals
+        ``sn(x + r)``, but the fused backends never store the sum (a ResNet block's
+        ``x`` and ``r`` are kept for backward by the layers that made them anyway).
+        """
         _check(x_seq, None, self.v_threshold, self.backend)
-        return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold,
-                    self.v_reset, self.detach_reset, self.surrogate, self.backend, return_state)
+        if residual is not None and residual.shape != x_seq.shape:
+            raise ValueError(f"residual must have the input's shape {tuple(x_seq.shape)}, "
+                             f"got {tuple(residual.shape)}")
+        return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold, self.v_reset,
+                    self.detach_reset, self.surrogate, self.backend, return_state, residual)
+
+    @staticmethod
+    def input_of(args: tuple, kwargs: dict) -> Tensor:
+        """The whole input ``[T, B, ...]`` of a call ``forward(*args, **kwargs)`` (residual
+        included), for hooks registered with ``with_kwargs=True``."""
+        residual = kwargs.get("residual", args[3] if len(args) > 3 else None)
+        return args[0] if residual is None else args[0] + residual
 
     def extra_repr(self) -> str:
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, "

@@ -273,7 +273,9 @@ class Trainer:
         from .neuron import BaseNeuron
 
         seen: list[Tensor] = []
-        hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][0] - mod.v_threshold))
+        hooks = [m.register_forward_hook(
+                     lambda mod, args, kwargs, out: seen.append(mod.input_of(args, kwargs)[0] - mod.v_threshold),
+                     with_kwargs=True)
                  for m in self.model.modules() if isinstance(m, BaseNeuron)]
         x, _ = self._fixed_batch()
         self.model.eval()

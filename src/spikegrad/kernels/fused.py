@@ -1,8 +1,11 @@
 """The fused multi-step LIF: one autograd node per layer instead of ~10 per time step.
 
-Forward runs the loop over T and saves only the pre-spike membrane ``h: [T, ...]``
-(spikes and membranes after reset are recomputed from it). Backward is split in two:
+Forward runs the loop over T and saves only its input ``x: [T, ...]`` (and ``v_init``
+when one is given; the default resting membrane is rebuilt), nothing of its own: when a BatchNorm feeds the neuron, that BatchNorm keeps the same
+tensor (``memory.BatchNorm2d`` saves its output), so one saved tensor serves both.
+Backward is split in two:
 
+0. the pre-spike membranes ``h: [T, ...]`` are recomputed from ``x`` (one cheap scan);
 1. the surrogate derivative ``g = surrogate.grad(h - v_th)`` on all of ``[T, ...]``
    at once, in plain torch, so any surrogate (Dspike temperature, AdaLi bounds) runs
    on every backend; MSG's mask is drawn eagerly from its own generator and passed in;
@@ -22,7 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["lif", "charge", "reset", "forward_scan", "backward_scan"]
+__all__ = ["lif", "charge", "reset", "membranes", "forward_scan", "backward_scan"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -41,18 +44,32 @@ def reset(h: Tensor, s: Tensor, v_threshold: float, v_reset: float | None) -> Te
     return h - v_threshold * s if v_reset is None else h * (1 - s) + v_reset * s
 
 
-def forward_scan(x_seq: Tensor, v: Tensor, decay: Tensor | float, opts: tuple,
-                 surrogate: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Forward over ``x_seq: [T, ...]``; returns ``(spikes, h_seq, v_final)``."""
+def resting(x_seq: Tensor, v_reset: float | None) -> Tensor:
+    """The default initial membrane ``[...]`` for ``x_seq: [T, ...]``: ``v_reset`` (0 when soft)."""
+    return torch.full_like(x_seq[0], 0.0 if v_reset is None else v_reset)
+
+
+def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
+              opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
+    """The loop over the input ``x_seq (+ residual)``, both ``[T, ...]``, from ``v`` (None:
+    resting); returns ``(h_seq [T, ...], v_final [...])``."""
     decay_input, v_threshold, v_reset, _ = opts
     rest = 0.0 if v_reset is None else v_reset
+    v = resting(x_seq, v_reset) if v is None else v
     hs = []
-    for x in x_seq.unbind(0):
+    for t, x in enumerate(x_seq.unbind(0)):
+        x = x if residual is None else x + residual[t]
         h = charge(v, x, decay, rest, decay_input)
         v = reset(h, surrogate.activation(h - v_threshold), v_threshold, v_reset)
         hs.append(h)
-    h_seq = torch.stack(hs)
-    return surrogate.activation(h_seq - v_threshold), h_seq, v
+    return torch.stack(hs), v
+
+
+def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
+                 opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
+    """Forward over ``x_seq (+ residual): [T, ...]``; returns ``(spikes [T, ...], v_final [...])``."""
+    h_seq, v = membranes(x_seq, residual, v, decay, opts, surrogate)
+    return surrogate.activation(h_seq - opts[1]), v
 
 
 def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
@@ -66,14 +83,17 @@ def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def backward(h_seq: Tensor, v_init: Tensor, x_seq: Tensor | None, grad_spikes: Tensor,
-             grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
-             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)``.
+def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
+             grad_v: Tensor,
+             decay: Tensor | float, opts: tuple, surrogate: Any, mask: Tensor | None,
+             want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)`` (``dL/dx`` is
+    also the residual's); ``v_init`` None is the resting membrane.
 
-    ``mask`` (MSG's keep-mask, or None) multiplies the surrogate derivative.
+    ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative.
     """
     decay_input, v_threshold, v_reset, detach_reset = opts
+    h_seq, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
     centred = h_seq - v_threshold
     g = surrogate.grad(centred)
     g = g * mask if mask is not None else g
@@ -88,8 +108,9 @@ def backward(h_seq: Tensor, v_init: Tensor, x_seq: Tensor | None, grad_spikes: T
     grad_decay = None
     if want_decay:
         rest = 0.0 if v_reset is None else v_reset
-        v_prev = torch.cat([v_init.unsqueeze(0), reset(h_seq, s, v_threshold, v_reset)[:-1]])
-        dh_dd = x_seq - (v_prev - rest) if decay_input else rest - v_prev
+        v_prev = torch.cat([(resting(x_seq, v_reset) if v_init is None else v_init).unsqueeze(0), reset(h_seq, s, v_threshold, v_reset)[:-1]])
+        x_all = x_seq if residual is None else x_seq + residual
+        dh_dd = x_all - (v_prev - rest) if decay_input else rest - v_prev
         grad_decay = (grad_h * dh_dd).sum()
     return grad_x, grad_h[0] * keep, grad_decay
 
@@ -103,36 +124,39 @@ def _compiled(fn: Callable) -> Callable:
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x_seq: Tensor, v_init: Tensor, decay: Tensor | float, opts: tuple,
-                surrogate: Any, compiled: bool) -> tuple[Tensor, Tensor]:
+    def forward(ctx: Any, x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
+                decay: Tensor | float, opts: tuple, surrogate: Any, compiled: bool) -> tuple[Tensor, Tensor]:
         scan = _compiled(forward_scan) if compiled else forward_scan
-        spikes, h_seq, v_final = scan(x_seq, v_init, decay, opts, surrogate)
+        spikes, v_final = scan(x_seq, residual, v_init, decay, opts, surrogate)
         ctx.opts, ctx.surrogate, ctx.compiled = opts, surrogate, compiled
         ctx.decay_is_tensor = isinstance(decay, Tensor)
         ctx.decay = None if ctx.decay_is_tensor else decay
-        saved_x = x_seq if ctx.decay_is_tensor and opts[0] else None
-        ctx.save_for_backward(h_seq, v_init, decay if ctx.decay_is_tensor else None, saved_x)
+        ctx.save_for_backward(x_seq, residual, v_init, decay if ctx.decay_is_tensor else None)
         return spikes, v_final
 
     @staticmethod
     def backward(ctx: Any, grad_spikes: Tensor | None, grad_v: Tensor | None):
-        h_seq, v_init, decay_t, x_seq = ctx.saved_tensors
+        x_seq, residual, v_init, decay_t = ctx.saved_tensors
         decay = decay_t if ctx.decay_is_tensor else ctx.decay
-        surrogate, mask = ctx.surrogate.split_mask(h_seq)  # MSG's mask is drawn here, eagerly
-        grad_spikes = torch.zeros_like(h_seq) if grad_spikes is None else grad_spikes
-        grad_v = torch.zeros_like(h_seq[0]) if grad_v is None else grad_v
-        want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[2]
+        surrogate, mask = ctx.surrogate.split_mask(x_seq)  # MSG's mask is drawn here, eagerly
+        grad_spikes = torch.zeros_like(x_seq) if grad_spikes is None else grad_spikes
+        grad_v = torch.zeros_like(x_seq[0]) if grad_v is None else grad_v
+        want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[3]
         fn = _compiled(backward) if ctx.compiled else backward
-        grad_x, grad_v0, grad_decay = fn(h_seq, v_init, x_seq, grad_spikes, grad_v, decay,
+        grad_x, grad_v0, grad_decay = fn(x_seq, residual, v_init, grad_spikes, grad_v, decay,
                                          ctx.opts, surrogate, mask, want_decay)
         if grad_decay is not None:
             grad_decay = grad_decay.to(decay_t.dtype)
-        return grad_x, grad_v0, grad_decay, None, None, None
+        return (grad_x, grad_x if residual is not None else None,
+                grad_v0 if v_init is not None else None, grad_decay, None, None, None)
 
 
-def lif(x_seq: Tensor, v_init: Tensor, decay: Tensor | float, decay_input: bool,
+def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
         v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
-        compiled: bool = True) -> tuple[Tensor, Tensor]:
-    """Fused LIF over ``x_seq: [T, B, ...]``; returns ``(spikes [T, B, ...], v_final [B, ...])``."""
+        compiled: bool = True, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Fused LIF over the input ``x_seq (+ residual)``, ``[T, B, ...]``, from ``v_init: [B, ...]``
+    (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])``. The residual is
+    added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
+    which the layers before it keep anyway."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
-    return _FusedLIF.apply(x_seq, v_init, decay, opts, surrogate, compiled)
+    return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, compiled)

@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, Sequence
 from torch import Tensor, nn
 
 from ..layers import ENCODERS, Head, make_neuron, spiking_conv_stack
+from ..memory import saved_tensors
 from ..surrogate import Surrogate
 
 __all__ = ["Context", "Body", "SpikingNet", "conv_net", "init_gain", "init_weights", "SPIKING_GAIN"]
@@ -90,7 +91,8 @@ class SpikingNet(nn.Module):
     Attributes: ``stages`` (where shortcut branches may attach: every stage but the
     last), ``all_stages``, ``stage_channels``, ``T``, ``surrogate`` (shared by every
     neuron), ``num_classes``, ``in_channels`` and ``config`` (``create_model(**config)``
-    rebuilds the model).
+    rebuilds the model), ``compact_spikes`` (default True: spikes saved for backward are
+    kept as uint8, see ``spikegrad.memory``).
     """
 
     def __init__(self, body: Body, encoding: str, T: int, in_channels: int, num_classes: int,
@@ -108,6 +110,7 @@ class SpikingNet(nn.Module):
         self.num_classes = num_classes
         self.surrogate = surrogate
         self.config = config
+        self.compact_spikes = True
 
     @property
     def T(self) -> int:
@@ -121,10 +124,11 @@ class SpikingNet(nn.Module):
         if seq.shape[2] != self.in_channels:
             raise ValueError(f"the model expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
-        x = self.stem(seq)
-        outputs = []
-        for name in self.all_stages:
-            x = self._modules[name](x)
-            outputs.append(x)
-        logits = self.head(x)
+        with saved_tensors(compact=self.compact_spikes):
+            x = self.stem(seq)
+            outputs = []
+            for name in self.all_stages:
+                x = self._modules[name](x)
+                outputs.append(x)
+            logits = self.head(x)
         return (logits, outputs[:-1]) if return_stages else logits

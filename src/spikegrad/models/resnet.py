@@ -46,7 +46,7 @@ class BasicBlock(nn.Module):
         y = self.conv2(self.sn1(self.conv1(x)))
         if self.sew:
             return self.sn2(y) + self.downsample(x)
-        return self.sn2(y + self.downsample(x))
+        return self.sn2(y, residual=self.downsample(x))
 
 
 def _stem(ctx: Context, kind: str, channels: int) -> nn.Sequential:

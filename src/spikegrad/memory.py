@@ -1,0 +1,196 @@
+"""Lean training memory: what autograd keeps between a spiking net's forward and backward.
+
+A conv -> BN -> neuron layer of a plain PyTorch SNN keeps three float tensors of the
+layer's size for backward: the conv's input (spikes), the BN's input and the neuron's
+membrane. Here it keeps one float tensor and one byte per element:
+
+1. **Spikes as uint8.** Spikes are 0/1. Inside ``saved_tensors()`` every tensor a
+   neuron marked with ``mark_spikes`` is stored as ``uint8`` when autograd saves it (the
+   next conv, for its weight gradient) and turned back into its float dtype in backward:
+   the same values, a quarter of the bytes. Marks are checked against the tensor's
+   version counter, so a spike tensor changed in place is saved as it is.
+2. **BatchNorm that saves its output.** ``BatchNorm2d`` (a drop-in subclass of
+   ``nn.BatchNorm2d``, same ``state_dict``) keeps ``y = BN(x)`` instead of ``x`` and
+   recovers ``x_hat = (y - beta) / gamma`` in backward (the in-place-ABN identity). The
+   fused neuron after it saves its input, which is that same ``y``, and recomputes its
+   membrane (``kernels.fused``): one tensor serves both.
+
+Both are exact up to float rounding (the spikes bit for bit). Where the identity is
+ill-conditioned (``|gamma| < GAMMA_MIN`` in some channel), under autocast, for a
+non-affine BN or outside training, ``BatchNorm2d`` is PyTorch's.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["saved_tensors", "SavedTensors", "mark_spikes", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
+
+GAMMA_MIN = 1e-3
+_state = threading.local()
+
+
+class _Mark:
+    """A marked spike tensor (weakly held: a mark never keeps spikes alive), the version it
+    was marked at, and its uint8 copy once one was saved."""
+
+    __slots__ = ("ref", "version", "small")
+
+    def __init__(self, spikes: Tensor) -> None:
+        self.ref = weakref.ref(spikes)
+        self.version = spikes._version
+        self.small: Tensor | None = None
+
+    def small_view(self, t: Tensor) -> Tensor | None:
+        """``t`` as uint8 if it views the marked spikes, unchanged since marking; else None.
+
+        One uint8 copy of the spikes serves every view any layer saves (the next conv's
+        ``[T*B, ...]`` and a residual ``[T, B, ...]`` alike)."""
+        spikes = self.ref()
+        if (spikes is None or t._version != self.version or t.dtype != spikes.dtype
+                or t.untyped_storage().nbytes() != spikes.numel() * spikes.element_size()):
+            return None
+        if self.small is None:
+            self.small = spikes.to(torch.uint8)  # contiguous like the spikes (see mark_spikes)
+        return self.small.as_strided(t.size(), t.stride(), t.storage_offset())
+
+
+class _Saved:
+    """What autograd holds for one saved tensor: the tensor, or a uint8 copy and the dtype to
+    restore. Its lifetime is the graph's hold on it, which ``SavedTensors`` counts."""
+
+    __slots__ = ("tensor", "dtype", "__weakref__")
+
+    def __init__(self, tensor: Tensor, dtype: torch.dtype | None = None) -> None:
+        self.tensor, self.dtype = tensor, dtype
+
+    def unpack(self) -> Tensor:
+        return self.tensor if self.dtype is None else self.tensor.to(self.dtype)
+
+
+class SavedTensors:
+    """What autograd keeps from a ``saved_tensors()`` block: ``nbytes`` is the size of the
+    distinct storages the graph still holds (each counted once, uint8 spike copies at their
+    own size); it falls as backward or garbage collection releases them."""
+
+    def __init__(self, compact: bool) -> None:
+        self.compact = compact
+        self.marks: dict[int, _Mark] = {}
+        self._held: dict[int, list[int]] = {}  # storage address -> [bytes, holders]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for size, holders in self._held.values() if holders > 0)
+
+    def pack(self, t: Tensor) -> _Saved:
+        """Autograd's pack hook: marked spikes -> a uint8 view, other tensors as they are."""
+        mark = self.marks.get(t.untyped_storage().data_ptr()) if self.compact else None
+        small = mark.small_view(t) if mark is not None else None
+        return self._hold(_Saved(t) if small is None else _Saved(small, t.dtype))
+
+    def _hold(self, saved: _Saved) -> _Saved:
+        storage = saved.tensor.untyped_storage()
+        key = storage.data_ptr()
+        entry = self._held.get(key)
+        if entry is None or entry[1] == 0:
+            entry = self._held[key] = [storage.nbytes(), 0]
+        entry[1] += 1
+        weakref.finalize(saved, self._release, key)
+        return saved
+
+    def _release(self, key: int) -> None:
+        self._held[key][1] -= 1
+
+
+def _active() -> SavedTensors | None:
+    return getattr(_state, "active", None)
+
+
+def mark_spikes(spikes: Tensor) -> None:
+    """Declare ``spikes`` (any shape) to hold only 0 and 1; a no-op outside ``saved_tensors()``
+    and for a tensor that is not contiguous and alone in its storage."""
+    active = _active()
+    if (active is not None and spikes.is_contiguous() and spikes.storage_offset() == 0
+            and spikes.untyped_storage().nbytes() == spikes.numel() * spikes.element_size()):
+        active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
+
+
+@contextlib.contextmanager
+def saved_tensors(compact: bool = True) -> Iterator[SavedTensors]:
+    """Within the block, autograd's saved tensors are counted and, with ``compact``, marked
+    spikes (``mark_spikes``) are kept as uint8; yields the ``SavedTensors`` record.
+
+    A nested block changes nothing: the outermost block decides and counts. The models
+    open one around their forward when gradients are on.
+    """
+    outer = _active()
+    if outer is not None:
+        yield outer
+        return
+    _state.active = record = SavedTensors(compact)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(record.pack, _Saved.unpack):
+            yield record
+    finally:
+        _state.active = None
+
+
+def _channel(v: Tensor, like: Tensor) -> Tensor:
+    """A per-channel vector ``[C]`` shaped to broadcast over ``like: [N, C, ...]``."""
+    return v.view(1, -1, *([1] * (like.dim() - 2)))
+
+
+class _BatchNormSavingOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
+                running_var: Tensor | None, momentum: float, eps: float) -> Tensor:
+        y, _, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var,
+                                               True, momentum, eps)
+        ctx.save_for_backward(y, weight, bias, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor):
+        y, weight, bias, invstd = ctx.saved_tensors
+        dims = [0, *range(2, y.dim())]
+        count = y.numel() // y.shape[1]
+        x_hat = (y - _channel(bias, y)) / _channel(weight, y)
+        grad_bias = grad_y.sum(dims)
+        grad_weight = (grad_y * x_hat).sum(dims)
+        grad_x = _channel(weight * invstd, y) * (
+            grad_y - _channel(grad_bias / count, y) - x_hat * _channel(grad_weight / count, y))
+        return grad_x, grad_weight, grad_bias, None, None, None, None
+
+
+def batch_norm_saving_output(x: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
+                             running_var: Tensor | None, momentum: float, eps: float) -> Tensor:
+    """Training-mode batch norm of ``x: [N, C, ...]`` (batch statistics; running ones updated
+    in place when given) that saves its output for backward; the result is ``[N, C, ...]``."""
+    return _BatchNormSavingOutput.apply(x, weight, bias, running_mean, running_var, momentum, eps)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` on ``[N, C, H, W]`` that, in training, saves its output instead of
+    its input (see the module docstring); otherwise, and in every other respect, PyTorch's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C, H, W]`` -> ``[N, C, H, W]``."""
+        if not self._saves_output(x):
+            return super().forward(x)
+        self._check_input_dim(x)
+        self.num_batches_tracked.add_(1)
+        momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                    else self.momentum)
+        return batch_norm_saving_output(x, self.weight, self.bias, self.running_mean,
+                                        self.running_var, momentum, self.eps)
+
+    def _saves_output(self, x: Tensor) -> bool:
+        return (self.training and self.affine and self.track_running_stats
+                and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x.device.type)
+                and bool(self.weight.detach().abs().min() >= GAMMA_MIN))
