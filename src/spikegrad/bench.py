@@ -518,6 +518,8 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
     s = _settings(args)
     setup = Setup(args.model, s["width"], s["batch"], s["repeats"], s["warmup"], s["device"], s["threads"])
     shortcuts = {"both": [False, True], "off": [False], "on": [True]}[args.shortcut]
+    if args.backends is None:
+        args.backends = [*BACKENDS, *(["triton"] if s["device"] == "cuda" else [])]
     cases, not_measured = plan(args.model, sorted(set(s["T"])), args.backends, args.peers, shortcuts)
     meta = {**asdict(setup), "T": sorted(set(s["T"])), "isolated": not args.in_process,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -154,8 +154,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--width", type=float, help="channel multiplier (default 1; --quick 1/16)")
     st.add_argument("--batch", type=int, help="batch size (default 32; --quick 2)")
     st.add_argument("--T", type=int, nargs="+", help="time steps (default 1 2 4 6; --quick 1 2)")
-    st.add_argument("--backends", nargs="*", default=["torch", "eager", "fused"],
-                    choices=["torch", "eager", "fused"], help="spikegrad neuron backends (default all)")
+    st.add_argument("--backends", nargs="*", choices=["torch", "eager", "fused", "triton"],
+                    help="spikegrad neuron backends (default torch eager fused, and triton on CUDA)")
     st.add_argument("--peers", nargs="*", default=["spikingjelly", "snntorch"],
                     choices=["spikingjelly", "snntorch"], help="peer libraries (default both; none: --peers)")
     st.add_argument("--shortcut", choices=["both", "off", "on"], default="both",

@@ -153,7 +153,7 @@ CHOICES = {
     "model.norm": ("bn", "none"),
     "model.stem": ("auto", "cifar", "imagenet"),
     "neuron.type": ("lif", "if", "plif"),
-    "neuron.backend": ("auto", "torch", "eager", "fused"),
+    "neuron.backend": ("auto", "torch", "eager", "fused", "triton"),
     "method.name": ("vanilla", "shortcut", "evolutionary", "ltl", "ann"),
     "method.schedule": ("constant", "linear", "cosine", "step"),
     "method.combine": ("logits", "losses"),

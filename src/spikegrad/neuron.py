@@ -17,12 +17,16 @@ Dynamics (METHODS.md), for t = 0..T-1, from ``v = v_init`` (default ``v_reset``,
 Backends: ``"torch"`` (reference: autograd through a plain loop), ``"eager"``
 (one autograd node per layer: a forward loop that saves only ``h``, and a backward
 that evaluates the surrogate derivative on all of ``[T, N]`` at once, then runs one
-reverse-time scan; see ``kernels.fused``) and ``"fused"`` (the same two functions
-compiled by ``torch.compile``: the fast path on CPU and GPU). ``"auto"`` is
-``$SPIKEGRAD_BACKEND`` when set, else ``"fused"``.
+reverse-time scan; see ``kernels.fused``), ``"fused"`` (the same two functions
+compiled by ``torch.compile``: the fast path on CPU) and ``"triton"`` (the loops over T
+as Triton kernels, ``kernels.triton_lif``: CUDA, or CPU under ``TRITON_INTERPRET=1``;
+float64 or a non-spiking surrogate run ``"fused"`` instead). ``"auto"`` is
+``$SPIKEGRAD_BACKEND`` when set, else ``"triton"`` for CUDA tensors when triton is
+installed, else ``"fused"``.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from typing import Any
@@ -36,15 +40,30 @@ from .kernels import fused
 
 __all__ = ["lif_multistep", "LIF", "IF", "PLIF", "BaseNeuron", "BACKENDS", "default_backend"]
 
-BACKENDS = ("auto", "torch", "eager", "fused")
+BACKENDS = ("auto", "torch", "eager", "fused", "triton")
 
 
-def default_backend() -> str:
-    """What ``backend="auto"`` means: ``$SPIKEGRAD_BACKEND`` if set, else ``"fused"``."""
-    name = os.environ.get("SPIKEGRAD_BACKEND", "fused")
+def default_backend(device: torch.device | str | None = None) -> str:
+    """What ``backend="auto"`` means for tensors on ``device``: ``$SPIKEGRAD_BACKEND`` if
+    set, else ``"triton"`` on CUDA when triton is installed, else ``"fused"``."""
+    name = os.environ.get("SPIKEGRAD_BACKEND")
+    if name is None:
+        on_cuda = device is not None and torch.device(device).type == "cuda"
+        return "triton" if on_cuda and importlib.util.find_spec("triton") is not None else "fused"
     if name not in BACKENDS[1:]:
         raise ValueError(f"SPIKEGRAD_BACKEND must be one of {', '.join(BACKENDS[1:])}, got {name!r}")
     return name
+
+
+def _kernel_mode(backend: str, x_seq: Tensor, surrogate: sg.Surrogate) -> str:
+    """The ``fused.lif`` mode of a non-reference backend for this input."""
+    if backend != "triton":
+        return backend
+    if not (x_seq.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), "
+                         f"got a tensor on {x_seq.device}")
+    from .kernels.triton_lif import DTYPES
+    return "triton" if surrogate.spiking and x_seq.dtype in DTYPES else "fused"
 
 
 def _check(x_seq: Tensor, tau: float | None, v_threshold: float, backend: str) -> None:
@@ -95,7 +114,7 @@ def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_inpu
     if v_init is not None and v_init.shape != x_seq.shape[1:]:
         raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
                          f"got {tuple(v_init.shape)}")
-    backend = default_backend() if backend == "auto" else backend
+    backend = default_backend(x_seq.device) if backend == "auto" else backend
     if backend == "torch":
         v_init = fused.resting(x_seq, v_reset) if v_init is None else v_init
         x_seq = x_seq if residual is None else x_seq + residual
@@ -103,7 +122,7 @@ def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_inpu
                                detach_reset, surrogate)
     else:
         spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
-                              detach_reset, surrogate, compiled=backend == "fused", residual=residual)
+                              detach_reset, surrogate, _kernel_mode(backend, x_seq, surrogate), residual)
     if surrogate.spiking:
         mark_spikes(spikes)
     return (spikes, v) if return_state else spikes

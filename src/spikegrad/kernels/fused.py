@@ -20,12 +20,13 @@ they are (no compiler needed, for debugging and platforms without one).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["lif", "charge", "reset", "membranes", "forward_scan", "backward_scan"]
+__all__ = ["lif", "charge", "reset", "resting", "membranes", "forward_scan", "backward_scan", "backward",
+           "Scans", "TORCH_SCANS"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -83,17 +84,28 @@ def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
     return torch.stack(out)
 
 
+class Scans(NamedTuple):
+    """The two loops over T that ``backward`` runs: ``membranes`` and ``backward_scan``."""
+
+    membranes: Callable
+    backward_scan: Callable
+
+
+TORCH_SCANS = Scans(membranes, backward_scan)
+
+
 def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
-             grad_v: Tensor,
-             decay: Tensor | float, opts: tuple, surrogate: Any, mask: Tensor | None,
-             want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+             grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
+             mask: Tensor | None, want_decay: bool,
+             scans: Scans = TORCH_SCANS) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)`` (``dL/dx`` is
     also the residual's); ``v_init`` None is the resting membrane.
 
-    ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative.
+    ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative;
+    ``scans`` are torch's loops or the Triton kernels (``kernels.triton_lif.SCANS``).
     """
     decay_input, v_threshold, v_reset, detach_reset = opts
-    h_seq, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
+    h_seq, _ = scans.membranes(x_seq, residual, v_init, decay, opts, surrogate)
     centred = h_seq - v_threshold
     g = surrogate.grad(centred)
     g = g * mask if mask is not None else g
@@ -103,7 +115,7 @@ def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad
     else:
         dv_dh = 1 - s if detach_reset else (1 - s) + (v_reset - h_seq) * g
     keep = 1.0 - decay
-    grad_h = backward_scan(grad_spikes * g, keep * dv_dh, dv_dh[-1] * grad_v)
+    grad_h = scans.backward_scan(grad_spikes * g, keep * dv_dh, dv_dh[-1] * grad_v)
     grad_x = grad_h * decay if decay_input else grad_h
     grad_decay = None
     if want_decay:
@@ -122,13 +134,23 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
+def _functions(mode: str) -> tuple[Callable, Callable]:
+    """``(forward_scan, backward)`` of a backend: ``eager``, ``fused`` (compiled) or ``triton``."""
+    if mode == "fused":
+        return _compiled(forward_scan), _compiled(backward)
+    if mode == "triton":
+        from . import triton_lif  # imports triton: only when this backend runs
+        return triton_lif.forward_scan, functools.partial(backward, scans=triton_lif.SCANS)
+    return forward_scan, backward
+
+
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
-                decay: Tensor | float, opts: tuple, surrogate: Any, compiled: bool) -> tuple[Tensor, Tensor]:
-        scan = _compiled(forward_scan) if compiled else forward_scan
+                decay: Tensor | float, opts: tuple, surrogate: Any, mode: str) -> tuple[Tensor, Tensor]:
+        scan, _ = _functions(mode)
         spikes, v_final = scan(x_seq, residual, v_init, decay, opts, surrogate)
-        ctx.opts, ctx.surrogate, ctx.compiled = opts, surrogate, compiled
+        ctx.opts, ctx.surrogate, ctx.mode = opts, surrogate, mode
         ctx.decay_is_tensor = isinstance(decay, Tensor)
         ctx.decay = None if ctx.decay_is_tensor else decay
         ctx.save_for_backward(x_seq, residual, v_init, decay if ctx.decay_is_tensor else None)
@@ -142,7 +164,7 @@ class _FusedLIF(torch.autograd.Function):
         grad_spikes = torch.zeros_like(x_seq) if grad_spikes is None else grad_spikes
         grad_v = torch.zeros_like(x_seq[0]) if grad_v is None else grad_v
         want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[3]
-        fn = _compiled(backward) if ctx.compiled else backward
+        _, fn = _functions(ctx.mode)
         grad_x, grad_v0, grad_decay = fn(x_seq, residual, v_init, grad_spikes, grad_v, decay,
                                          ctx.opts, surrogate, mask, want_decay)
         if grad_decay is not None:
@@ -153,10 +175,11 @@ class _FusedLIF(torch.autograd.Function):
 
 def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
         v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
-        compiled: bool = True, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mode: str = "fused", residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Fused LIF over the input ``x_seq (+ residual)``, ``[T, B, ...]``, from ``v_init: [B, ...]``
     (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])``. The residual is
     added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
-    which the layers before it keep anyway."""
+    which the layers before it keep anyway. ``mode``: ``"fused"`` (compiled), ``"eager"``
+    or ``"triton"``."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
-    return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, compiled)
+    return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, mode)
