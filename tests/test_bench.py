@@ -138,3 +138,12 @@ def test_bad_options_end_in_one_line(options, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_compiled_run_compiles_both_and_names_the_peers_left_out(tmp_path):
+    result, page = _run(tmp_path, "--in-process", "--compile", "--T", "1", "--backends", "torch",
+                        "--peers", "spikingjelly", "--shortcut", "off")
+    assert result["meta"]["compile"] is True and "--compile" in result["meta"]["command"]
+    assert set(_rows(result)) == {("ann", "-", 1, False), ("spikegrad", "torch", 1, False)}
+    assert [m["case"] for m in result["not_measured"]] == ["spikingjelly"]
+    assert "both compiled" in page

@@ -257,6 +257,7 @@ class Setup:
     warmup: int
     device: str
     threads: int
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -282,9 +283,11 @@ class Case:
 
 
 def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
-         shortcuts: list[bool]) -> tuple[list[Case], list[dict[str, str]]]:
+         shortcuts: list[bool], compiled: bool = False) -> tuple[list[Case], list[dict[str, str]]]:
     """The cases to run, and ``{"case", "reason"}`` for the peers that cannot run here."""
-    if model in PEER_MODELS:
+    if compiled:
+        missing = {p: "--compile compares the ANN twin and spikegrad, both compiled" for p in peers}
+    elif model in PEER_MODELS:
         missing = {p: "not installed" for p in peers if importlib.util.find_spec(p) is None}
     else:
         missing = {p: f"peer networks are built for {', '.join(PEER_MODELS)} only" for p in peers}
@@ -300,7 +303,8 @@ def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
 
 def build_net(setup: Setup, case: Case) -> nn.Module:
     """The network of ``case``, wrapped in ``ShortcutNet`` (branches at every stage but the last)
-    when ``case.shortcut``; ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]`` (and branch logits)."""
+    when ``case.shortcut`` and in ``torch.compile`` when ``setup.compile``;
+    ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]`` (and branch logits)."""
     if case.net == "ann":
         net: nn.Module = create_model(setup.model, CLASSES, T=1, width=setup.width, neuron={"type": "relu"})
     elif case.net == "spikegrad":
@@ -308,7 +312,8 @@ def build_net(setup: Setup, case: Case) -> nn.Module:
     else:
         peer = {"spikingjelly": SpikingJellyNet, "snntorch": SnnTorchNet}[case.net]
         net = peer(setup.model, case.T, setup.width)
-    return ShortcutNet(net) if case.shortcut else net  # type: ignore[arg-type]  # a PeerNet quacks like one
+    net = ShortcutNet(net) if case.shortcut else net  # type: ignore[arg-type]  # a PeerNet quacks like one
+    return torch.compile(net) if setup.compile else net
 
 
 def _training_step(net: nn.Module, shortcut: bool, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -492,7 +497,8 @@ def _command(args: argparse.Namespace, s: dict[str, Any]) -> str:
              "--batch", str(s["batch"]), "--T", *map(str, s["T"]), "--backends", *args.backends,
              "--peers", *args.peers, "--shortcut", args.shortcut, "--repeats", str(s["repeats"]),
              "--warmup", str(s["warmup"]), "--device", s["device"], "--threads", str(s["threads"])]
-    return shlex.join(words + (["--in-process"] if args.in_process else []))
+    flags = [flag for flag, on in (("--compile", args.compile), ("--in-process", args.in_process)) if on]
+    return shlex.join(words + flags)
 
 
 def _settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -516,11 +522,13 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training-step benchmark, print the report, write ``train_step.{md,json}`` to
     ``args.out`` (if given) and return the result (``meta``, ``rows``, ``not_measured``)."""
     s = _settings(args)
-    setup = Setup(args.model, s["width"], s["batch"], s["repeats"], s["warmup"], s["device"], s["threads"])
+    setup = Setup(args.model, s["width"], s["batch"], s["repeats"], s["warmup"], s["device"], s["threads"],
+                  args.compile)
     shortcuts = {"both": [False, True], "off": [False], "on": [True]}[args.shortcut]
     if args.backends is None:
         args.backends = [*BACKENDS, *(["triton"] if s["device"] == "cuda" else [])]
-    cases, not_measured = plan(args.model, sorted(set(s["T"])), args.backends, args.peers, shortcuts)
+    cases, not_measured = plan(args.model, sorted(set(s["T"])), args.backends, args.peers, shortcuts,
+                               args.compile)
     meta = {**asdict(setup), "T": sorted(set(s["T"])), "isolated": not args.in_process,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs",

@@ -165,6 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     st.add_argument("--threads", type=int, help="torch CPU threads (default torch's; --quick 1: a shared "
                     "machine makes several threads wait on each other)")
+    st.add_argument("--compile", action="store_true",
+                    help="torch.compile the ANN twin and spikegrad's networks (peers are not measured)")
     st.add_argument("--in-process", action="store_true",
                     help="run every configuration in this process (faster; no CPU memory figures)")
     st.add_argument("--quick", action="store_true", help="tiny model for tests: the --quick defaults above")

@@ -17,7 +17,8 @@ membrane. Here it keeps one float tensor and one byte per element:
 
 Both are exact up to float rounding (the spikes bit for bit). Where the identity is
 ill-conditioned (``|gamma| < GAMMA_MIN`` in some channel), under autocast, for a
-non-affine BN or outside training, ``BatchNorm2d`` is PyTorch's.
+non-affine BN, outside training and inside ``torch.compile`` (whose partitioner plans
+the saved tensors itself), ``BatchNorm2d`` is PyTorch's.
 """
 from __future__ import annotations
 
@@ -114,22 +115,23 @@ def _active() -> SavedTensors | None:
 def mark_spikes(spikes: Tensor) -> None:
     """Declare ``spikes`` (any shape) to hold only 0 and 1; a no-op outside ``saved_tensors()``
     and for a tensor that is not contiguous and alone in its storage."""
-    active = _active()
+    active = None if torch.compiler.is_compiling() else _active()
     if (active is not None and spikes.is_contiguous() and spikes.storage_offset() == 0
             and spikes.untyped_storage().nbytes() == spikes.numel() * spikes.element_size()):
         active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
 
 
 @contextlib.contextmanager
-def saved_tensors(compact: bool = True) -> Iterator[SavedTensors]:
+def saved_tensors(compact: bool = True) -> Iterator[SavedTensors | None]:
     """Within the block, autograd's saved tensors are counted and, with ``compact``, marked
     spikes (``mark_spikes``) are kept as uint8; yields the ``SavedTensors`` record.
 
     A nested block changes nothing: the outermost block decides and counts. The models
-    open one around their forward when gradients are on.
+    open one around their forward. Under ``torch.compile`` it does nothing (yields None):
+    the compiler plans what its graph saves.
     """
     outer = _active()
-    if outer is not None:
+    if outer is not None or torch.compiler.is_compiling():
         yield outer
         return
     _state.active = record = SavedTensors(compact)
@@ -191,6 +193,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def _saves_output(self, x: Tensor) -> bool:
         return (self.training and self.affine and self.track_running_stats
+                and not torch.compiler.is_compiling()
                 and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
                 and not torch.is_autocast_enabled(x.device.type)
                 and bool(self.weight.detach().abs().min() >= GAMMA_MIN))
