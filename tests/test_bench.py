@@ -119,11 +119,14 @@ def test_isolated_runs_report_peak_rss_and_memory_ratios(isolated):
     assert [(r["net"], r["T"]) for r in result["rows"]] == [("ann", 1), ("spikegrad", 1), ("spikingjelly", 1)]
     for r in result["rows"]:
         assert 0 < r["base_mib"] <= r["peak_mib"]
+        assert 0 < r["live_base_mib"] <= r["live_mib"]  # the second, allocator-neutral process
     ours, peer = result["rows"][1], result["rows"][2]
     assert ours["ratios"]["memory_vs_spikingjelly"] == pytest.approx(ours["peak_mib"] / peer["peak_mib"])
+    assert ours["ratios"]["live_memory_vs_spikingjelly"] == pytest.approx(ours["live_mib"] / peer["live_mib"])
     assert ours["ratios"]["vs_snntorch"] is None  # not asked for
     cells = _table_cells(text, "Without shortcut branches")[("spikegrad eager", 1)]
     assert cells["peak MiB (before model)"] == f"{ours['peak_mib']:.0f} ({ours['base_mib']:.0f})"
+    assert cells["live MiB"] == f"{ours['live_mib']:.0f}"
     assert "With shortcut branches" not in text
 
 

@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -43,7 +43,7 @@ from .models import create_model, list_models
 from .shortcut import ShortcutNet
 
 __all__ = ["main", "neuron_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
-           "plan", "build_net", "measure", "run_isolated", "add_ratios", "markdown", "PeerNet",
+           "plan", "build_net", "measure", "run_isolated", "measure_isolated", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
            "SpikingJellyNet", "SnnTorchNet", "PEER_MODELS", "PEERS", "BACKENDS"]
 
 PEERS = ("spikingjelly", "snntorch")
@@ -381,10 +381,18 @@ def worker(spec: str) -> None:
     print(json.dumps(measure(Setup(**parsed["setup"]), Case(**parsed["case"]), own_process=True)))
 
 
-def run_isolated(setup: Setup, case: Case) -> dict[str, Any]:
-    """``measure`` in a fresh Python process (so the peak RSS is this case's alone)."""
+# glibc keeps freed buffers below its (growing) mmap threshold resident; with it fixed at
+# 1 MiB every large tensor is its own mapping, unmapped when freed, so the peak RSS follows
+# the memory actually in use (what CUDA's max_memory_allocated reports on a GPU)
+LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
+
+
+def run_isolated(setup: Setup, case: Case, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """``measure`` in a fresh Python process (so the peak RSS is this case's alone), with
+    ``env`` added to its environment."""
     spec = json.dumps({"setup": asdict(setup), "case": asdict(case)})
-    done = subprocess.run([sys.executable, "-c", _WORKER, spec], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", _WORKER, spec], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or [f"exit code {done.returncode}"]
         raise RuntimeError(lines[-1])
@@ -397,12 +405,23 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
+def measure_isolated(setup: Setup, case: Case) -> dict[str, Any]:
+    """``run_isolated``'s row plus, on CPU, ``live_mib``/``live_base_mib``: the peak RSS of
+    one warm-up and two steps in another process run with ``LIVE_ENV`` (memory in use,
+    without the allocator's retention, which the timed process's ``peak_mib`` includes)."""
+    row = run_isolated(setup, case)
+    if setup.device == "cpu":
+        live = run_isolated(replace(setup, repeats=2, warmup=1), case, LIVE_ENV)
+        row.update(live_mib=live["peak_mib"], live_base_mib=live["base_mib"])
+    return row
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Set each row's ``ratios`` from the measured medians and peaks of the rows it compares to.
 
     ``per_T_ann``: median / (T x the ANN twin's median, same shortcut setting), every SNN row;
-    ``vs_<peer>`` and ``memory_vs_<peer>``: spikegrad / the peer at the same T and shortcut
-    setting; ``shortcut_over_plain`` and ``memory_shortcut_over_plain``: a shortcut row / the
+    ``vs_<peer>``, ``memory_vs_<peer>`` and ``live_memory_vs_<peer>``: spikegrad / the peer at
+    the same T and shortcut setting; ``shortcut_over_plain`` and ``memory_shortcut_over_plain``: a shortcut row / the
     same configuration without branches. A ratio whose reference was not measured is None.
     """
     index = {(r["net"], r["backend"], r["T"], r["shortcut"]): r for r in rows}
@@ -417,6 +436,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 ref = by_net.get((peer, r["T"], r["shortcut"])) or {}
                 ratios[f"vs_{peer}"] = _ratio(r["median_s"], ref.get("median_s"))
                 ratios[f"memory_vs_{peer}"] = _ratio(r["peak_mib"], ref.get("peak_mib"))
+                ratios[f"live_memory_vs_{peer}"] = _ratio(r.get("live_mib"), ref.get("live_mib"))
         if r["shortcut"]:
             plain = index.get((r["net"], r["backend"], r["T"], False)) or {}
             ratios["shortcut_over_plain"] = _ratio(r["median_s"], plain.get("median_s"))
@@ -436,7 +456,9 @@ COLUMNS = [("net", lambda r: r["name"]), ("T", lambda r: str(r["T"])),
            ("SNN / (T x ANN)", lambda r: _fmt(r["ratios"].get("per_T_ann"))),
            ("/ SpikingJelly", lambda r: _fmt(r["ratios"].get("vs_spikingjelly"))),
            ("/ snnTorch", lambda r: _fmt(r["ratios"].get("vs_snntorch"))),
-           ("mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("memory_vs_spikingjelly")))]
+           ("mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("memory_vs_spikingjelly"))),
+           ("live MiB", lambda r: _fmt(r.get("live_mib"), 0)),
+           ("live mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("live_memory_vs_spikingjelly")))]
 SHORTCUT_COLUMNS = [("shortcut / plain", lambda r: _fmt(r["ratios"].get("shortcut_over_plain"))),
                     ("mem shortcut / plain", lambda r: _fmt(r["ratios"].get("memory_shortcut_over_plain")))]
 
@@ -449,7 +471,9 @@ def _table(rows: list[dict[str, Any]], columns: list) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """The report: the settings, one table per shortcut setting, and what was not measured."""
     meta = result["meta"]
-    memory = {"cuda": "max allocated", "cpu": "peak RSS, one configuration per subprocess"}[meta["device"]]
+    memory = {"cuda": "max allocated",
+              "cpu": "peak RSS, one configuration per subprocess (live: another subprocess with "
+                     "glibc's mmap threshold fixed at 1 MiB, so freed buffers leave RSS)"}[meta["device"]]
     lines = [f"## Training step: {meta['model']} (width {meta['width']:g}), batch {meta['batch']}, "
              f"{IMAGE}x{IMAGE} input, {CLASSES} classes",
              "",
@@ -538,7 +562,8 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for i, case in enumerate(cases, start=1):
         try:
-            rows.append(measure(setup, case, own_process=False) if args.in_process else run_isolated(setup, case))
+            rows.append(measure(setup, case, own_process=False) if args.in_process
+                        else measure_isolated(setup, case))
         except Exception as err:  # one failing configuration must not lose the others' numbers
             not_measured.append({"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
             print(f"[{i}/{len(cases)}] {case.label}: failed: {not_measured[-1]['reason']}", file=sys.stderr)
