@@ -100,13 +100,22 @@ def _conv_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, int]
     return seen
 
 
-def test_spike_bytes_saved_are_exactly_a_quarter():
+def test_spikes_are_saved_as_bits():
     model, x = _tiny("plain-8")
     _, bytes_on = _grads_and_bytes(model, x, compact=True)
     _, bytes_off = _grads_and_bytes(model, x, compact=False)
     convs = _conv_inputs(model, x)
-    spike_inputs = sum(numel for _, numel, _ in convs[1:])  # every conv but the first reads spikes
-    assert bytes_off - bytes_on == spike_inputs * (4 - 1)
+    inputs = [numel for _, numel, _ in convs[1:]]  # every conv but the first reads spikes
+    assert bytes_off - bytes_on == sum(4 * n - -(-n // 8) for n in inputs)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 64, 1001])
+def test_bit_packing_round_trips(numel):
+    torch.manual_seed(numel)
+    spikes = (torch.rand(numel) < 0.4).float()
+    bits = memory.pack_bits(spikes)
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-numel // 8)
+    assert torch.equal(memory.unpack_bits(bits, numel, torch.float32), spikes)
 
 
 def test_batchnorm_and_neuron_share_one_saved_tensor(monkeypatch):

@@ -2,12 +2,12 @@
 
 A conv -> BN -> neuron layer of a plain PyTorch SNN keeps three float tensors of the
 layer's size for backward: the conv's input (spikes), the BN's input and the neuron's
-membrane. Here it keeps one float tensor and one byte per element:
+membrane. Here it keeps one float tensor and one bit per element:
 
-1. **Spikes as uint8.** Spikes are 0/1. Inside ``saved_tensors()`` every tensor a
-   neuron marked with ``mark_spikes`` is stored as ``uint8`` when autograd saves it (the
-   next conv, for its weight gradient) and turned back into its float dtype in backward:
-   the same values, a quarter of the bytes. Marks are checked against the tensor's
+1. **Spikes as bits.** Spikes are 0/1. Inside ``saved_tensors()`` every tensor a neuron
+   marked with ``mark_spikes`` is stored bit-packed (8 spikes per byte) when autograd
+   saves it (the next conv, for its weight gradient; a residual) and rebuilt in its float
+   dtype in backward: the same values, 1/32 of the bytes. Marks are checked against the tensor's
    version counter, so a spike tensor changed in place is saved as it is.
 2. **BatchNorm that saves its output.** ``BatchNorm2d`` (a drop-in subclass of
    ``nn.BatchNorm2d``, same ``state_dict``) keeps ``y = BN(x)`` instead of ``x`` and
@@ -30,54 +30,75 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["saved_tensors", "SavedTensors", "mark_spikes", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
+__all__ = ["saved_tensors", "SavedTensors", "mark_spikes", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
 
 GAMMA_MIN = 1e-3
 _state = threading.local()
 
 
+_BITS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def pack_bits(spikes: Tensor) -> Tensor:
+    """0/1 values (any float shape, contiguous) -> uint8 ``[ceil(numel / 8)]``, 8 per byte."""
+    flat = spikes.reshape(-1).to(torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
+    weights = torch.tensor(_BITS, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
+    """``pack_bits``' inverse: ``[numel]`` of 0/1 in ``dtype``."""
+    weights = torch.tensor(_BITS, dtype=torch.uint8, device=bits.device)
+    return (bits.unsqueeze(1) & weights).ne(0).reshape(-1)[:numel].to(dtype)
+
+
 class _Mark:
     """A marked spike tensor (weakly held: a mark never keeps spikes alive), the version it
-    was marked at, and its uint8 copy once one was saved."""
+    was marked at, and its bit-packed copy once one was saved."""
 
-    __slots__ = ("ref", "version", "small")
+    __slots__ = ("ref", "version", "bits")
 
     def __init__(self, spikes: Tensor) -> None:
         self.ref = weakref.ref(spikes)
         self.version = spikes._version
-        self.small: Tensor | None = None
+        self.bits: Tensor | None = None
 
-    def small_view(self, t: Tensor) -> Tensor | None:
-        """``t`` as uint8 if it views the marked spikes, unchanged since marking; else None.
+    def packed(self, t: Tensor) -> "_Saved | None":
+        """``t`` bit-packed if it views the marked spikes, unchanged since marking; else None.
 
-        One uint8 copy of the spikes serves every view any layer saves (the next conv's
+        One packed copy of the spikes serves every view any layer saves (the next conv's
         ``[T*B, ...]`` and a residual ``[T, B, ...]`` alike)."""
         spikes = self.ref()
         if (spikes is None or t._version != self.version or t.dtype != spikes.dtype
                 or t.untyped_storage().nbytes() != spikes.numel() * spikes.element_size()):
             return None
-        if self.small is None:
-            self.small = spikes.to(torch.uint8)  # contiguous like the spikes (see mark_spikes)
-        return self.small.as_strided(t.size(), t.stride(), t.storage_offset())
+        if self.bits is None:
+            self.bits = pack_bits(spikes)  # spikes are contiguous and alone in their storage
+        return _Saved(self.bits, (spikes.numel(), t.dtype, t.size(), t.stride(), t.storage_offset()))
 
 
 class _Saved:
-    """What autograd holds for one saved tensor: the tensor, or a uint8 copy and the dtype to
-    restore. Its lifetime is the graph's hold on it, which ``SavedTensors`` counts."""
+    """What autograd holds for one saved tensor: the tensor, or packed spike bits and how to
+    rebuild the view that was saved (numel, dtype, size, stride, offset). Its lifetime is the
+    graph's hold on it, which ``SavedTensors`` counts."""
 
-    __slots__ = ("tensor", "dtype", "__weakref__")
+    __slots__ = ("tensor", "view", "__weakref__")
 
-    def __init__(self, tensor: Tensor, dtype: torch.dtype | None = None) -> None:
-        self.tensor, self.dtype = tensor, dtype
+    def __init__(self, tensor: Tensor, view: tuple | None = None) -> None:
+        self.tensor, self.view = tensor, view
 
     def unpack(self) -> Tensor:
-        return self.tensor if self.dtype is None else self.tensor.to(self.dtype)
+        if self.view is None:
+            return self.tensor
+        numel, dtype, size, stride, offset = self.view
+        return unpack_bits(self.tensor, numel, dtype).as_strided(size, stride, offset)
 
 
 class SavedTensors:
     """What autograd keeps from a ``saved_tensors()`` block: ``nbytes`` is the size of the
-    distinct storages the graph still holds (each counted once, uint8 spike copies at their
-    own size); it falls as backward or garbage collection releases them."""
+    distinct storages the graph still holds (each counted once, packed spikes at their own
+    size); it falls as backward or garbage collection releases them."""
 
     def __init__(self, compact: bool) -> None:
         self.compact = compact
@@ -89,10 +110,10 @@ class SavedTensors:
         return sum(size for size, holders in self._held.values() if holders > 0)
 
     def pack(self, t: Tensor) -> _Saved:
-        """Autograd's pack hook: marked spikes -> a uint8 view, other tensors as they are."""
+        """Autograd's pack hook: marked spikes -> packed bits, other tensors as they are."""
         mark = self.marks.get(t.untyped_storage().data_ptr()) if self.compact else None
-        small = mark.small_view(t) if mark is not None else None
-        return self._hold(_Saved(t) if small is None else _Saved(small, t.dtype))
+        packed = mark.packed(t) if mark is not None else None
+        return self._hold(_Saved(t) if packed is None else packed)
 
     def _hold(self, saved: _Saved) -> _Saved:
         storage = saved.tensor.untyped_storage()
@@ -124,7 +145,7 @@ def mark_spikes(spikes: Tensor) -> None:
 @contextlib.contextmanager
 def saved_tensors(compact: bool = True) -> Iterator[SavedTensors | None]:
     """Within the block, autograd's saved tensors are counted and, with ``compact``, marked
-    spikes (``mark_spikes``) are kept as uint8; yields the ``SavedTensors`` record.
+    spikes (``mark_spikes``) are kept bit-packed; yields the ``SavedTensors`` record.
 
     A nested block changes nothing: the outermost block decides and counts. The models
     open one around their forward. Under ``torch.compile`` it does nothing (yields None):

@@ -92,7 +92,7 @@ class SpikingNet(nn.Module):
     last), ``all_stages``, ``stage_channels``, ``T``, ``surrogate`` (shared by every
     neuron), ``num_classes``, ``in_channels`` and ``config`` (``create_model(**config)``
     rebuilds the model), ``compact_spikes`` (default True: spikes saved for backward are
-    kept as uint8, see ``spikegrad.memory``).
+    kept bit-packed, see ``spikegrad.memory``).
     """
 
     def __init__(self, body: Body, encoding: str, T: int, in_channels: int, num_classes: int,
