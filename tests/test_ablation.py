@@ -115,3 +115,30 @@ def test_seeds_are_a_count_or_a_list(given, seeds):
     ablation.add_arguments(parser)
     args = parser.parse_args(["--config", "c.yaml", "--seeds", given, "--methods", "vanilla, shortcut"])
     assert args.seeds == seeds and args.methods == ["vanilla", "shortcut"]
+
+
+def test_sweep_repeats_the_ablation_per_value_and_reports_the_gap(tmp_path):
+    parser = argparse.ArgumentParser()
+    ablation.add_arguments(parser)
+    sets = [arg for item in TINY if not item.startswith("model.T") for arg in ("--set", item)]
+    ablation.main(parser.parse_args(["--config", str(BASE), "--methods", "vanilla,shortcut", "--seeds", "1",
+                                     "--out", str(tmp_path), "--sweep", "model.T=1,2", *sets]))
+    for T in ("1", "2"):
+        assert (tmp_path / f"fmnist-{T}-ablation.md").is_file()
+        assert load_config(tmp_path / f"fmnist-{T}-shortcut-s0" / "config.yaml").model.T == int(T)
+    table = rows(tmp_path / "fmnist-sweep.md")
+    assert list(table) == ["1", "2"]
+    for T, cells in table.items():
+        finals = {m: ablation.summarise(tmp_path / f"fmnist-{T}-{m}-s0")["final_acc"] for m in METHODS}
+        assert cells[:3] == [f"{finals['vanilla']:.2f}", f"{finals['shortcut']:.2f}",
+                             f"{finals['shortcut'] - finals['vanilla']:+.2f}"]
+    assert (tmp_path / "fmnist-sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("given", ["model.T", "=1,2", "model.T="])
+def test_bad_sweep_is_refused(given, capsys):
+    parser = argparse.ArgumentParser()
+    ablation.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--config", "c.yaml", "--sweep", given])
+    assert "--sweep takes KEY=V1,V2" in capsys.readouterr().err

@@ -12,6 +12,12 @@ afresh; a run directory made with a different config is refused before anything 
 Then ``<out>/<name>-ablation.md`` gets a table, one row per method, of mean ± sample
 std over seeds, and ``<out>/<name>-ablation.png`` the accuracy curves and per-layer
 gradient norms of each method's first seed (``plots.plot_compare``).
+
+``--sweep KEY=V1,V2,...`` repeats the whole ablation for each value of one key (depth
+``model.name=plain-8,plain-16,plain-32``, ``model.T=1,2,4``, a surrogate width...), the
+value's ablation named ``<name>-<value>``, then writes ``<out>/<name>-sweep.md`` (final
+accuracy per method and value, its gap to vanilla, the first / last gradient-norm ratio)
+and ``<out>/<name>-sweep.png`` (``plots.plot_sweep``).
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ import yaml
 from .config import Config, ConfigError, load_config, to_dict
 
 __all__ = ["AblationRun", "ablation_name", "plan", "check_run_dir", "train", "summarise",
-           "format_table", "run_ablation", "add_arguments", "main"]
+           "format_table", "run_ablation", "run_sweep", "add_arguments", "main"]
 
 # keys that may differ between a run directory's config and the ablation's: where and how a
 # run executes, not what it computes
@@ -199,14 +205,70 @@ def run_ablation(base_config: str | Path, methods: list[str], seeds: int | list[
     page = folder / f"{name}-ablation.md"
     if os.environ.get("RANK", "0") != "0":
         return page
-    summaries: dict[str, list[dict[str, float]]] = {}
+    summaries = _summaries(runs)
     first_seed: dict[str, Path] = {}
     for run in runs:
-        summaries.setdefault(run.method, []).append(summarise(run.run_dir))
         first_seed.setdefault(run.method, run.run_dir)
     figure = plot_compare(first_seed, folder / f"{name}-ablation.png")
     page.write_text(_report(name, base_config, overrides, runs, format_table(summaries), figure))
     return page
+
+
+def _summaries(runs: list[AblationRun]) -> dict[str, list[dict[str, float]]]:
+    """``{method: [summarise(run) per seed]}``, methods in plan order."""
+    summaries: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        summaries.setdefault(run.method, []).append(summarise(run.run_dir))
+    return summaries
+
+
+def run_sweep(base_config: str | Path, methods: list[str], seeds: int | list[int], key: str,
+              values: list[str], overrides: list[str] | None = None, out: str | None = None) -> Path:
+    """``run_ablation`` once per value of ``key`` (see the module docstring), then the sweep's
+    page and figure; returns the page's path."""
+    from .plots import plot_sweep
+
+    overrides = list(overrides or [])
+    stem, folder, _ = plan(base_config, methods, seeds, overrides, out)
+    cells: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in dict.fromkeys(methods)}
+    for value in values:
+        per_value = [*overrides, f"{key}={value}", f"name={stem}-{value}"]
+        run_ablation(base_config, methods, seeds, per_value, out)
+        for method, runs in _summaries(plan(base_config, methods, seeds, per_value, out)[2]).items():
+            cells[method][value] = {k: [r[k] for r in runs] for k in ("final_acc", "grad_ratio")}
+    page = folder / f"{stem}-sweep.md"
+    if os.environ.get("RANK", "0") != "0":
+        return page
+    figure = plot_sweep(key, values, cells, folder / f"{stem}-sweep.png")
+    page.write_text(_sweep_report(stem, base_config, overrides, key, values, cells, figure))
+    return page
+
+
+def _sweep_report(stem: str, base_config: str | Path, overrides: list[str], key: str, values: list[str],
+                  cells: dict[str, dict[str, dict[str, list[float]]]], figure: Path) -> str:
+    """The sweep's markdown page: one row per value, final accuracy and gap to vanilla per method."""
+    vanilla = cells.get("vanilla")
+    header = [key] + [f"{m} final acc (%)" for m in cells] + [
+        f"{m} - vanilla" for m in cells if vanilla is not None and m != "vanilla"] + [
+        f"{m} first/last grad" for m in cells]
+    rows = []
+    for value in values:
+        base = statistics.fmean(vanilla[value]["final_acc"]) if vanilla is not None else 0.0
+        row = [value] + [_mean_std(c[value]["final_acc"], 2) for c in cells.values()]
+        row += [f"{statistics.fmean(c[value]['final_acc']) - base:+.2f}" for m, c in cells.items()
+                if vanilla is not None and m != "vanilla"]
+        row += [_mean_std(c[value]["grad_ratio"], 4) for c in cells.values()]
+        rows.append(row)
+    table = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *rows])
+    sets = " ".join(f"`{item}`" for item in overrides) or "none"
+    return "\n".join([
+        f"# Sweep {stem} over {key}", "",
+        f"Base config `{base_config}`, overrides {sets}; one ablation per value "
+        f"(pages `{stem}-<value>-ablation.md`).", "",
+        table, "",
+        "Final test accuracy of the exported model, mean ± sample std over seeds; the gap is "
+        "the difference of seed means; gradient ratios as in each ablation's page.", "",
+        f"![sweep]({figure.name})", ""])
 
 
 def _methods(text: str) -> list[str]:
@@ -223,6 +285,16 @@ def _seeds(text: str) -> int | list[int]:
                                          f"got {text!r}") from None
 
 
+def _sweep(text: str) -> tuple[str, list[str]]:
+    """``"model.T=1,2,4"`` -> ``("model.T", ["1", "2", "4"])``."""
+    key, sep, values = text.partition("=")
+    chosen = [v.strip() for v in values.split(",") if v.strip()]
+    if not sep or not key.strip() or not chosen:
+        raise argparse.ArgumentTypeError(f"--sweep takes KEY=V1,V2,... (e.g. model.name=plain-8,plain-16), "
+                                         f"got {text!r}")
+    return key.strip(), chosen
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``spikegrad ablation`` options."""
     parser.add_argument("--config", required=True, help="base YAML config (its method is replaced)")
@@ -233,10 +305,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key in every run, e.g. --set epochs=50 (repeatable)")
     parser.add_argument("--out", help="folder of the runs and the summary (default: the config's out)")
+    parser.add_argument("--sweep", type=_sweep, metavar="KEY=V1,V2,...",
+                        help="repeat the ablation for each value of one key, e.g. model.name=plain-8,plain-16, "
+                             "and draw accuracy and the gap to vanilla against it")
 
 
 def main(args: argparse.Namespace) -> None:
-    """Run ``spikegrad ablation`` and print the table's path and contents."""
-    page = run_ablation(args.config, args.methods, args.seeds, args.set, args.out)
+    """Run ``spikegrad ablation`` (or its sweep) and print the page's path and contents."""
+    if args.sweep is not None:
+        page = run_sweep(args.config, args.methods, args.seeds, *args.sweep, args.set, args.out)
+    else:
+        page = run_ablation(args.config, args.methods, args.seeds, args.set, args.out)
     print(page.read_text())
     print(f"wrote {page} and {page.with_suffix('.png')}")

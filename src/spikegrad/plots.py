@@ -4,7 +4,7 @@
 balance coefficient lambda when logged), ``grad_norms.png`` (per-layer gradient norm, shallow to
 deep, one line per epoch, and its ratio to the last layer's: the gradient-vanishing diagnosis)
 and ``firing_rates.png``. ``plot_compare`` puts several runs side by side (vanilla, shortcut,
-evolutionary). Figures are drawn on ``matplotlib.figure.Figure`` with the Agg renderer: no
+evolutionary); ``plot_sweep`` draws an ablation repeated over the values of one key. Figures are drawn on ``matplotlib.figure.Figure`` with the Agg renderer: no
 pyplot, no global backend switch, safe in a training process.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-__all__ = ["read_metrics", "plot_run", "plot_compare"]
+__all__ = ["read_metrics", "plot_run", "plot_compare", "plot_sweep"]
 
 GRAD = "grad_norm/"
 RATE = "firing_rate/"
@@ -235,3 +235,40 @@ def _first_and_last_norms(panels: Sequence[Axes], label: str, epochs: Records,
             _layer_line(ax, norms[i], ratio, color=color, linestyle=style,
                         label=f"{label} epoch {epochs[i]['epoch']}")
     return names
+
+
+def plot_sweep(key: str, values: Sequence[str], cells: Mapping[str, Mapping[str, Mapping[str, list[float]]]],
+               out_path: PathLike) -> Path:
+    """An ablation over the ``values`` of config ``key``, one PNG of three panels against the value:
+    final test accuracy, its gap to ``vanilla``, and the first / last layer gradient-norm ratio
+    (log scale). ``cells[method][value]`` holds per-seed lists under ``final_acc`` and
+    ``grad_ratio``; points are seed means, bars their sample std. Returns ``out_path``."""
+    fig = Figure(figsize=(15, 4.2), layout="constrained")
+    acc, gap, ratio = fig.subplots(1, 3)
+    x = np.arange(len(values))
+    palette = colormaps["tab10"].colors
+    baseline = cells.get("vanilla")
+    for i, (method, by_value) in enumerate(cells.items()):
+        style = {"color": palette[i % len(palette)], "marker": "o", "capsize": 3, "label": method}
+        finals = [np.asarray(by_value[v]["final_acc"], float) for v in values]
+        acc.errorbar(x, [f.mean() for f in finals], [_std(f) for f in finals], **style)
+        if baseline is not None and method != "vanilla":
+            base = [np.asarray(baseline[v]["final_acc"], float).mean() for v in values]
+            gap.errorbar(x, [f.mean() - b for f, b in zip(finals, base)], [_std(f) for f in finals], **style)
+        ratios = [_positive(np.asarray(by_value[v]["grad_ratio"], float)) for v in values]
+        ratio.plot(x, [np.exp(np.log(r).mean()) for r in ratios], marker="o", color=style["color"], label=method)
+    gap.axhline(0.0, color="grey", linewidth=0.8)
+    titles = ("final test accuracy (%)", "gap to vanilla (points)", "first / last layer grad norm")
+    for ax, title in zip((acc, gap, ratio), titles):
+        ax.set_xticks(x, list(values))
+        ax.set_xlabel(key)
+        ax.set_title(title)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    ratio.set_yscale("log")
+    return _save(fig, Path(out_path))
+
+
+def _std(values: np.ndarray) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    return float(values.std(ddof=1)) if values.size > 1 else 0.0
