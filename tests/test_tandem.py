@@ -136,6 +136,17 @@ def test_load_teacher_from_an_exported_model_file(tmp_path):
     torch.testing.assert_close(teacher(x), saved.eval()(x))
 
 
+@pytest.mark.parametrize("init", [False, True])
+def test_student_starts_from_the_teacher_only_when_asked(tmp_path, init):
+    teacher = save_ann(tmp_path / "ann.pt")
+    torch.manual_seed(1)
+    net = LTL(RateCE(), teacher=tmp_path / "ann.pt", init_from_teacher=init).wrap(create_model("plain-8", **ARGS))
+    student, ann = net.student.state_dict(), teacher.state_dict()
+    assert set(student) == set(ann)
+    same = [torch.equal(student[k], ann[k]) for k in ann if k.endswith(("conv.weight", "fc.weight"))]
+    assert len(same) == 9 and (all(same) if init else not any(same))
+
+
 def test_a_teacher_of_another_architecture_gives_one_clear_error(tmp_path):
     save_ann(tmp_path / "wide.pt", width=0.5)
     student = create_model("plain-8", **ARGS)

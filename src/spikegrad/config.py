@@ -65,6 +65,7 @@ class MethodConfig:
     attach: Optional[list] = None
     teacher: Optional[str] = None
     finetune_epochs: int = 0
+    init_from_teacher: bool = False
 
 
 @dataclass

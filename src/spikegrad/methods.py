@@ -78,7 +78,7 @@ def create(cfg: Any, objective: RateCE) -> Method:
     if cfg.name == "ltl":
         from .tandem import LTL  # tandem imports this module
 
-        return LTL(objective, cfg.teacher, cfg.finetune_epochs)
+        return LTL(objective, cfg.teacher, cfg.finetune_epochs, cfg.init_from_teacher)
     if cfg.name == "shortcut":
         schedule = BalanceSchedule("constant", value=cfg.lam)
     elif cfg.name == "evolutionary":

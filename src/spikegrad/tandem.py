@@ -174,6 +174,12 @@ class TandemNet(nn.Module):
         return self._teacher.to(next(self.student.parameters()).device)
 
     @torch.no_grad()
+    def init_from_teacher(self) -> None:
+        """Start the student from the teacher's weights and BN statistics (same keys and
+        shapes, see ``check_teacher``; a neuron's own parameters, e.g. PLIF's, keep theirs)."""
+        self.student.load_state_dict(self.teacher.state_dict(), strict=False)
+
+    @torch.no_grad()
     def targets(self, x: Tensor) -> dict[str, Tensor]:
         """``{neuron layer name: A_norm [B, ...]}``: the teacher's activations on ``x`` (averaged
         over its time steps, one for an ANN twin), normalised by ``normalise_target``."""
@@ -216,21 +222,27 @@ class TandemNet(nn.Module):
 class LTL(Method):
     """Local Tandem Learning as a trainer ``Method``: ``wrap`` builds a ``TandemNet``; the
     loss is ``objective(logits) + sum_l local_l`` (any objective: rate CE, TET, TWO); the
-    last ``finetune_epochs`` epochs train end to end with the objective alone."""
+    last ``finetune_epochs`` epochs train end to end with the objective alone. With
+    ``init_from_teacher`` the student starts from the teacher's weights (the teacher file
+    is then read when the run starts; a resumed run's checkpoint overrides them)."""
 
     name = "ltl"
 
     def __init__(self, objective: RateCE, teacher: str | Path | nn.Module | None,
-                 finetune_epochs: int = 0) -> None:
+                 finetune_epochs: int = 0, init_from_teacher: bool = False) -> None:
         super().__init__(objective)
         if teacher is None:
             raise ValueError("method 'ltl' needs a teacher: --set teacher=RUN_DIR/checkpoints/best.pt "
                              "(a method=ann run of the same model) or an exported model file")
         self.teacher, self.finetune_epochs = teacher, finetune_epochs
+        self.init_from_teacher = init_from_teacher
 
     def wrap(self, model: nn.Module) -> TandemNet:
-        """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step)."""
+        """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step, or
+        now to initialise the student from it)."""
         self.net = TandemNet(model, self.teacher)
+        if self.init_from_teacher:
+            self.net.init_from_teacher()
         return self.net
 
     def export(self, trained: nn.Module) -> nn.Module:
