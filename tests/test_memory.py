@@ -175,3 +175,13 @@ def test_fused_neuron_keeps_only_its_inputs():
     with memory.saved_tensors() as record:
         out = sn(x, residual=r)
     assert out.requires_grad and record.nbytes == (x.numel() + r.numel()) * 4  # the sum is not stored
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_models_own_hooks_shadow_outer_ones_unless_switched_off(compact):
+    model, x = _tiny("plain-8")
+    model.compact_spikes = compact
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        model(x)
+    assert (len(seen) == 0) == compact

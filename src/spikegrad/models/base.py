@@ -1,6 +1,7 @@
 """What every registry model shares: the build context, the body it returns, and ``SpikingNet``."""
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
@@ -92,7 +93,9 @@ class SpikingNet(nn.Module):
     last), ``all_stages``, ``stage_channels``, ``T``, ``surrogate`` (shared by every
     neuron), ``num_classes``, ``in_channels`` and ``config`` (``create_model(**config)``
     rebuilds the model), ``compact_spikes`` (default True: spikes saved for backward are
-    kept bit-packed, see ``spikegrad.memory``).
+    kept bit-packed, see ``spikegrad.memory``; set it False when your own
+    ``saved_tensors_hooks`` wrap the whole forward, e.g. CPU offloading, which the
+    model's would shadow).
     """
 
     def __init__(self, body: Body, encoding: str, T: int, in_channels: int, num_classes: int,
@@ -124,7 +127,7 @@ class SpikingNet(nn.Module):
         if seq.shape[2] != self.in_channels:
             raise ValueError(f"the model expects {self.in_channels} input channels, got input of shape "
                              f"{tuple(x.shape)}")
-        with saved_tensors(compact=self.compact_spikes):
+        with saved_tensors() if self.compact_spikes else contextlib.nullcontext():
             x = self.stem(seq)
             outputs = []
             for name in self.all_stages:
