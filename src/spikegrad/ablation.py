@@ -166,18 +166,26 @@ def format_table(summaries: dict[str, list[dict[str, float]]]) -> str:
     rows = [[method, str(len(runs)), *[_mean_std([r[key] for r in runs], decimals)
                                        for key, _, decimals in COLUMNS]]
             for method, runs in summaries.items()]
+    return _markdown_table(header, rows)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def _listed(overrides: list[str]) -> str:
+    """``--set`` items as inline code, or ``none``."""
+    return " ".join(f"`{item}`" for item in overrides) or "none"
 
 
 def _report(name: str, base_config: str | Path, overrides: list[str], runs: list[AblationRun],
             table: str, figure: Path) -> str:
     """The ablation's markdown page."""
     cfg = runs[0].cfg
-    sets = " ".join(f"`{item}`" for item in overrides) or "none"
     return "\n".join([
         f"# Ablation {name}", "",
-        f"Base config `{base_config}`, overrides {sets}: {cfg.model.name}, T={cfg.model.T}, "
+        f"Base config `{base_config}`, overrides {_listed(overrides)}: {cfg.model.name}, T={cfg.model.T}, "
         f"{cfg.data.name}, {cfg.epochs} epochs, seeds {sorted({r.seed for r in runs})}.", "",
         table, "",
         "Test accuracy is the exported model's (main head only). Gradient norms are the "
@@ -259,13 +267,11 @@ def _sweep_report(stem: str, base_config: str | Path, overrides: list[str], key:
                 if vanilla is not None and m != "vanilla"]
         row += [_mean_std(c[value]["grad_ratio"], 4) for c in cells.values()]
         rows.append(row)
-    table = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *rows])
-    sets = " ".join(f"`{item}`" for item in overrides) or "none"
     return "\n".join([
         f"# Sweep {stem} over {key}", "",
-        f"Base config `{base_config}`, overrides {sets}; one ablation per value "
+        f"Base config `{base_config}`, overrides {_listed(overrides)}; one ablation per value "
         f"(pages `{stem}-<value>-ablation.md`).", "",
-        table, "",
+        _markdown_table(header, rows), "",
         "Final test accuracy of the exported model, mean ± sample std over seeds; the gap is "
         "the difference of seed means; gradient ratios as in each ablation's page.", "",
         f"![sweep]({figure.name})", ""])
