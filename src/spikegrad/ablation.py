@@ -29,8 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import Config, ConfigError, load_config, to_dict
 
 __all__ = ["AblationRun", "ablation_name", "plan", "check_run_dir", "train", "summarise",
@@ -101,11 +99,13 @@ def _flat(data: dict, prefix: str = "") -> dict[str, Any]:
 
 def check_run_dir(run: AblationRun) -> None:
     """Raise ``ConfigError`` if the run's directory was made with a config that differs from
-    ``run.cfg`` in any key but ``INFRASTRUCTURE``; a directory without config.yaml passes."""
+    ``run.cfg`` in any key but ``INFRASTRUCTURE`` (keys it lacks count at their defaults); a
+    directory without config.yaml passes."""
     path = run.run_dir / "config.yaml"
     if not path.is_file():
         return
-    stored, wanted = _flat(yaml.safe_load(path.read_text()) or {}), _flat(to_dict(run.cfg))
+    # through load_config, so that a key added to the library since (at its default) is no difference
+    stored, wanted = _flat(to_dict(load_config(path))), _flat(to_dict(run.cfg))
     for key in sorted(stored.keys() | wanted.keys()):
         if key not in INFRASTRUCTURE and stored.get(key) != wanted.get(key):
             raise ConfigError(f"run directory {str(run.run_dir)!r} was made with {key}="
