@@ -35,8 +35,9 @@ __all__ = ["AblationRun", "ablation_name", "plan", "check_run_dir", "train", "su
            "format_table", "run_ablation", "run_sweep", "add_arguments", "main"]
 
 # keys that may differ between a run directory's config and the ablation's: where and how a
-# run executes, not what it computes
-INFRASTRUCTURE = ("device", "data.root", "data.num_workers", "log_every", "checkpoint_every")
+# run executes, and what the config says about the paper, not what the run computes
+INFRASTRUCTURE = ("device", "data.root", "data.num_workers", "log_every", "checkpoint_every",
+                  "expected_accuracy", "expected_source")
 GRAD = "grad_norm/"
 # table columns: (summary key, header, decimals)
 COLUMNS = (("best_acc", "best test acc (%)", 2), ("final_acc", "final test acc (%)", 2),
