@@ -185,3 +185,11 @@ def test_models_own_hooks_shadow_outer_ones_unless_switched_off(compact):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
         model(x)
     assert (len(seen) == 0) == compact
+
+
+def test_bit_packing_covers_every_byte_pattern():
+    patterns = torch.arange(256)
+    spikes = ((patterns[:, None] >> torch.arange(8)) & 1).float()  # [256, 8], bit i of pattern
+    bits = memory.pack_bits(spikes)
+    assert torch.equal(bits, patterns.to(torch.uint8))
+    assert torch.equal(memory.unpack_bits(bits, spikes.numel(), torch.float64), spikes.reshape(-1).double())
