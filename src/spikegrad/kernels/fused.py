@@ -1,8 +1,9 @@
 """The fused multi-step LIF: one autograd node per layer instead of ~10 per time step.
 
 Forward runs the loop over T and saves only its input ``x: [T, ...]`` (and ``v_init``
-when one is given; the default resting membrane is rebuilt), nothing of its own: when a BatchNorm feeds the neuron, that BatchNorm keeps the same
-tensor (``memory.BatchNorm2d`` saves its output), so one saved tensor serves both.
+when one is given; the default resting membrane is rebuilt), nothing of its own: when
+a BatchNorm feeds the neuron, that BatchNorm keeps the same tensor
+(``memory.BatchNorm2d`` saves its output), so one saved tensor serves both.
 Backward is split in two:
 
 0. the pre-spike membranes ``h: [T, ...]`` are recomputed from ``x`` (one cheap scan);
@@ -120,7 +121,8 @@ def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad
     grad_decay = None
     if want_decay:
         rest = 0.0 if v_reset is None else v_reset
-        v_prev = torch.cat([(resting(x_seq, v_reset) if v_init is None else v_init).unsqueeze(0), reset(h_seq, s, v_threshold, v_reset)[:-1]])
+        v_first = resting(x_seq, v_reset) if v_init is None else v_init
+        v_prev = torch.cat([v_first.unsqueeze(0), reset(h_seq, s, v_threshold, v_reset)[:-1]])
         x_all = x_seq if residual is None else x_seq + residual
         dh_dd = x_all - (v_prev - rest) if decay_input else rest - v_prev
         grad_decay = (grad_h * dh_dd).sum()

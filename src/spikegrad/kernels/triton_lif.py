@@ -34,7 +34,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @triton.jit
 def _lif_kernel(x_ptr, r_ptr, v0_ptr, decay_ptr, keep_ptr, s_ptr, h_ptr, vT_ptr, T, N,
-                v_threshold, v_reset, rest,
+                v_threshold, rest,
                 HAS_RESIDUAL: tl.constexpr, HAS_V0: tl.constexpr, DECAY_INPUT: tl.constexpr,
                 SOFT: tl.constexpr, WRITE_H: tl.constexpr, BLOCK_N: tl.constexpr):
     offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,7 +57,7 @@ def _lif_kernel(x_ptr, r_ptr, v0_ptr, decay_ptr, keep_ptr, s_ptr, h_ptr, vT_ptr,
         if SOFT:
             v = h - v_threshold * s
         else:
-            v = h * (1 - s) + v_reset * s
+            v = h * (1 - s) + rest * s  # hard reset: to v_reset, which is rest
         if WRITE_H:
             tl.store(h_ptr + t * N + offs, h.to(h_ptr.dtype.element_ty), mask=inside)
         else:
@@ -99,7 +99,6 @@ def _run(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor
         x_seq, x_seq if residual is None else residual.contiguous(),
         x_seq if v is None else v.contiguous(), _scalar(decay, x_seq), _scalar(keep, x_seq),
         out, out, v_final, T, N, float(v_threshold), 0.0 if v_reset is None else float(v_reset),
-        0.0 if v_reset is None else float(v_reset),
         HAS_RESIDUAL=residual is not None, HAS_V0=v is not None, DECAY_INPUT=bool(decay_input),
         SOFT=v_reset is None, WRITE_H=write_h, BLOCK_N=BLOCK)
     return out, v_final
