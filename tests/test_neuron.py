@@ -70,6 +70,34 @@ def test_compiled_fused_matches_reference(name, v_reset, detach_reset, dtype):
     _assert_agree(ref, other, dtype)
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_channels_last_input_gives_the_same_values_in_its_layout(backend):
+    """The kernels read ``[T, N]`` rows in the input's memory layout: a channels-last
+    ``[T, B, C, H, W]`` input (a view of a ``[T*B, C, H, W]`` channels-last conv output)
+    gives the reference's spikes and gradients, and spikes in that layout, without a copy
+    of the input or a residual."""
+    x, v0 = _inputs((3, 2, 4, 5, 6), torch.float64)
+    cl = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    residual = torch.rand_like(x).round().flatten(0, 1).contiguous(memory_format=torch.channels_last)
+    residual = residual.unflatten(0, (3, 2))
+    assert not cl.is_contiguous() and torch.equal(cl, x)
+
+    def run(backend, x, residual):
+        # clone keeps the layout
+        x, residual = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+        lif = neuron.LIF(tau=2.0, backend=backend)
+        spikes, v = lif(x, v0, residual=residual, return_state=True)
+        weights = torch.linspace(-1, 1, spikes.numel(), dtype=x.dtype).view_as(spikes)
+        ((spikes * weights).sum() + (v * v).sum()).backward()
+        return spikes, v, x.grad, residual.grad
+
+    ref = run("torch", x, residual)
+    ours = run(backend, cl, residual)
+    assert ours[0].stride() == cl.stride()  # spikes come back channels-last
+    _assert_agree([t.detach().contiguous() for t in ref], [t.detach().contiguous() for t in ours],
+                  torch.float64)
+
+
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 6), batch=st.integers(1, 3), features=st.integers(1, 9),
        tau=st.floats(1.0, 8.0), v_threshold=st.floats(0.2, 2.0),

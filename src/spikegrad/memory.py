@@ -30,34 +30,45 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["saved_tensors", "SavedTensors", "mark_spikes", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
+__all__ = ["memory_order", "saved_tensors", "SavedTensors", "mark_spikes", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
 
 GAMMA_MIN = 1e-3
 _state = threading.local()
 
 
+def memory_order(t: Tensor) -> list[int] | None:
+    """The permutation of ``t``'s dims, outermost in memory first, that makes it contiguous
+    (dim 0 first), or None when ``t`` is not dense or dim 0 is not outermost."""
+    order = sorted(range(t.dim()), key=lambda d: -t.stride(d))  # stable: dim 0 first on ties
+    return order if order[:1] in ([], [0]) and t.permute(order).is_contiguous() else None
+
+
+def _bit_weights(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[8]``: 1, 2, 4, ..., 128 in ``dtype`` (exact in every float dtype)."""
+    return torch.pow(2.0, torch.arange(8, device=device)).to(dtype)
+
+
+def _bit_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``[256, 8]``: row ``b`` holds the bits of byte ``b``, lowest first, in ``dtype``."""
+    return ((torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1).to(dtype)
+
+
 def pack_bits(spikes: Tensor) -> Tensor:
     """0/1 values (any float shape, contiguous) -> uint8 ``[ceil(numel / 8)]``, 8 per byte.
 
-    Each group of 8 spikes, as 8 bytes read as one little-endian int64, is folded into
-    its low byte by three shift-ors: a few passes over 1/8 of the elements."""
-    flat = spikes.reshape(-1).to(torch.uint8)
+    Each group of 8 spikes is one dot product with ``[1, 2, ..., 128]`` (exact: at most 255),
+    so packing is a single matrix-vector product over the spikes, with no integer passes."""
+    flat = spikes.reshape(-1)
     if flat.numel() % 8:
         flat = torch.nn.functional.pad(flat, (0, -flat.numel() % 8))
-    word = flat.view(torch.int64)
-    word = word | (word >> 7)
-    word = word | (word >> 14)
-    word = word | (word >> 28)
-    return (word & 0xFF).to(torch.uint8)
+    return (flat.view(-1, 8) @ _bit_weights(flat.dtype, flat.device)).to(torch.uint8)
 
 
 def unpack_bits(bits: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
-    """``pack_bits``' inverse: ``[numel]`` of 0/1 in ``dtype`` (the three shifts undone)."""
-    word = bits.to(torch.int64)
-    word = (word | (word << 28)) & 0x0000000F0000000F
-    word = (word | (word << 14)) & 0x0003000300030003
-    word = (word | (word << 7)) & 0x0101010101010101
-    return word.view(torch.uint8)[:numel].to(dtype)
+    """``pack_bits``' inverse: ``[numel]`` of 0/1 in ``dtype``: each byte looks up its 8
+    values in a 256-row table (one gather that writes the output once)."""
+    rows = torch.nn.functional.embedding(bits.to(torch.int32), _bit_table(dtype, bits.device))
+    return rows.view(-1)[:numel]
 
 
 class _Mark:
@@ -81,7 +92,8 @@ class _Mark:
                 or t.untyped_storage().nbytes() != spikes.numel() * spikes.element_size()):
             return None
         if self.bits is None:
-            self.bits = pack_bits(spikes)  # spikes are contiguous and alone in their storage
+            order = memory_order(spikes)  # spikes are dense and alone in their storage
+            self.bits = pack_bits(spikes.permute(order))  # in memory order, as as_strided reads
         return _Saved(self.bits, (spikes.numel(), t.dtype, t.size(), t.stride(), t.storage_offset()))
 
 
@@ -142,9 +154,9 @@ def _active() -> SavedTensors | None:
 
 def mark_spikes(spikes: Tensor) -> None:
     """Declare ``spikes`` (any shape) to hold only 0 and 1; a no-op outside ``saved_tensors()``
-    and for a tensor that is not contiguous and alone in its storage."""
+    and for a tensor that is not dense (any layout, e.g. channels-last) and alone in its storage."""
     active = None if torch.compiler.is_compiling() else _active()
-    if (active is not None and spikes.is_contiguous() and spikes.storage_offset() == 0
+    if (active is not None and memory_order(spikes) is not None and spikes.storage_offset() == 0
             and spikes.untyped_storage().nbytes() == spikes.numel() * spikes.element_size()):
         active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
 

@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import Tensor
 
+from ..memory import memory_order
+
 __all__ = ["lif", "charge", "reset", "resting", "membranes", "forward_scan", "backward_scan", "backward",
            "Scans", "TORCH_SCANS"]
 
@@ -175,6 +177,17 @@ class _FusedLIF(torch.autograd.Function):
                 grad_v0 if v_init is not None else None, grad_decay, None, None, None)
 
 
+def _rows(t: Tensor, order: list[int]) -> Tensor:
+    """``t: [T, ...]`` as ``[T, N]`` rows in ``order``'s memory layout (a view when it has it)."""
+    return t.permute(order).reshape(t.shape[0], -1)
+
+
+def _unrows(rows: Tensor, like: Tensor, order: list[int]) -> Tensor:
+    """``_rows``' inverse: ``rows`` viewed with ``like``'s shape (and its strides when dense)."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return rows.view([like.shape[d] for d in order]).permute(inverse)
+
+
 def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
         v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
         mode: str = "fused", residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -182,6 +195,13 @@ def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input
     (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])``. The residual is
     added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
     which the layers before it keep anyway. ``mode``: ``"fused"`` (compiled), ``"eager"``
-    or ``"triton"``."""
+    or ``"triton"``.
+
+    The kernels see every tensor as ``[T, N]`` rows in ``x_seq``'s memory layout
+    (channels-last included, without a copy); the spikes come back in that layout."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
-    return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, mode)
+    order = memory_order(x_seq) or list(range(x_seq.dim()))
+    spikes, v_final = _FusedLIF.apply(
+        _rows(x_seq, order), None if residual is None else _rows(residual, order),
+        None if v_init is None else _rows(v_init.unsqueeze(0), order)[0], decay, opts, surrogate, mode)
+    return _unrows(spikes, x_seq, order), _unrows(v_final.unsqueeze(0), x_seq[:1], order)[0]
