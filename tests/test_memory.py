@@ -78,7 +78,7 @@ def _grads_and_bytes(model: nn.Module, x: torch.Tensor, compact: bool) -> tuple[
 
 @pytest.mark.parametrize("backend", ["torch", "eager"])
 @pytest.mark.parametrize("name, kwargs", [("plain-8", {}), ("resnet18", {}), ("resnet18", {"sew": True}),
-                                          ("vgg11", {})])
+                                          ("vgg11", {}), ("resnet18", {"channels_last": False})])
 def test_compact_spikes_gives_identical_gradients(name, kwargs, backend, monkeypatch):
     monkeypatch.setenv("SPIKEGRAD_BACKEND", backend)
     model, x = _tiny(name, **kwargs)
@@ -100,8 +100,9 @@ def _conv_inputs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, int, int]
     return seen
 
 
-def test_spikes_are_saved_as_bits():
-    model, x = _tiny("plain-8")
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_spikes_are_saved_as_bits(channels_last):
+    model, x = _tiny("plain-8", channels_last=channels_last)
     _, bytes_on = _grads_and_bytes(model, x, compact=True)
     _, bytes_off = _grads_and_bytes(model, x, compact=False)
     convs = _conv_inputs(model, x)

@@ -39,6 +39,7 @@ class ModelConfig:
     norm: str = "bn"
     stem: str = "auto"
     sew: bool = False
+    channels_last: bool = True
 
 
 @dataclass

@@ -63,7 +63,7 @@ def model_kwargs(cfg: Config, info: dict) -> dict:
     kwargs = {"num_classes": info["num_classes"], "T": 1 if cfg.method.name == "ann" else cfg.model.T,
               "in_channels": info["in_channels"], "encoding": cfg.model.encoding,
               "neuron": neuron, "surrogate": dict(cfg.surrogate), "norm": cfg.model.norm,
-              "width": cfg.model.width}
+              "width": cfg.model.width, "channels_last": cfg.model.channels_last}
     if cfg.model.name.startswith("resnet"):
         stem = cfg.model.stem
         kwargs["stem"] = ("imagenet" if info["size"] >= 64 else "cifar") if stem == "auto" else stem

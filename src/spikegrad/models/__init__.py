@@ -10,6 +10,8 @@ import functools
 import re
 from typing import Any, Callable
 
+import torch
+
 from .. import surrogate as sg
 from ..layers import ENCODERS, neuron_config
 from ..neuron import BACKENDS
@@ -28,7 +30,8 @@ _FIXED: dict[str, tuple[Callable[..., Body], dict[str, Any]]] = {
     "resnet34": (resnet.resnet34, _RESNET_OPTIONS),
     **{arch: (functools.partial(vgg.vgg, arch=arch), {}) for arch in vgg.VGG_STAGES},
 }
-_COMMON = ("num_classes", "T", "in_channels", "encoding", "neuron", "surrogate", "norm", "width", "backend")
+_COMMON = ("num_classes", "T", "in_channels", "encoding", "neuron", "surrogate", "norm", "width", "backend",
+           "channels_last")
 
 
 def list_models() -> list[str]:
@@ -84,7 +87,7 @@ def _neuron_backend(neuron_cfg: dict, backend: str) -> dict:
 def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: int = 3,
                  encoding: str = "direct", neuron: dict | None = None,
                  surrogate: sg.Surrogate | dict | None = None, norm: str = "bn", width: float = 1.0,
-                 backend: str = "auto", **options: Any) -> SpikingNet:
+                 backend: str = "auto", channels_last: bool = True, **options: Any) -> SpikingNet:
     """Build a registry model (see ``list_models()``) returning logits ``[T, B, num_classes]``.
 
     ``T`` time steps; ``encoding`` ``"direct"`` or ``"poisson"`` for static ``[B, C, H, W]``
@@ -92,7 +95,9 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     ``layers.NEURON_DEFAULTS``; ``surrogate`` an object (shared by every neuron, used as
     is), a ``surrogate.create`` dict, or None for ATan(alpha=2); ``norm`` ``"bn"`` or
     ``"none"`` (convs then get a bias); ``width`` multiplies every channel count;
-    ``backend`` the neurons' backend (fills ``neuron["backend"]`` when that is ``auto``).
+    ``backend`` the neurons' backend (fills ``neuron["backend"]`` when that is ``auto``);
+    ``channels_last`` stores the conv weights, and so every activation, channels-last
+    (same values and ``state_dict``; faster convolutions on CPU, see docs/performance.md).
     ResNets also take ``stem`` (``"cifar"``, default, or ``"imagenet"``) and ``sew`` (False).
     Any bad name or argument raises one ``ValueError``.
     """
@@ -107,6 +112,8 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     _choice("encoding", encoding, tuple(ENCODERS))
     _choice("norm", norm, NORMS)
     _choice("backend", backend, BACKENDS)
+    if not isinstance(channels_last, bool):
+        raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
     if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
         raise ValueError(f"width must be a positive number, got {width!r}")
     neuron_cfg, sur = neuron_config(neuron), _surrogate(surrogate)
@@ -114,7 +121,7 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     ctx = Context(in_channels, num_classes, norm, float(width), _neuron_backend(neuron_cfg, backend), sur)
     config = {"name": key, "num_classes": num_classes, "T": T, "in_channels": in_channels,
               "encoding": encoding, "neuron": neuron_cfg, "surrogate": sur.config(), "norm": norm,
-              "width": float(width), "backend": backend, **options}
+              "width": float(width), "backend": backend, "channels_last": channels_last, **options}
     model = SpikingNet(builder(ctx, **options), encoding, T, in_channels, num_classes, sur, config)
     init_weights(model, init_gain(norm, neuron_cfg))
-    return model
+    return model.to(memory_format=torch.channels_last) if channels_last else model
