@@ -1,7 +1,8 @@
 """``spikegrad bench step --quick``: the report's structure and ratios, never a wall-clock time.
 
-The in-process run covers every network kind; the isolated run (one subprocess per
-configuration) covers the memory figures. The fused backend's cold compiles are left
+The in-process run covers every network kind; the isolated run (memory from one
+subprocess per configuration) covers the memory figures; the interleaving of the
+timed rounds is checked with stand-in steps. The fused backend's cold compiles are left
 to test_neuron.py.
 """
 import json
@@ -9,6 +10,7 @@ import statistics
 
 import pytest
 
+from spikegrad import bench
 from spikegrad.cli import main
 
 PEERS = ["spikingjelly", "snntorch"]
@@ -54,7 +56,7 @@ def test_every_configuration_is_measured_with_its_spread(in_process):
         assert r["median_s"] == pytest.approx(statistics.median(times))
         assert (r["min_s"], r["max_s"]) == (min(times), max(times))
         assert r["q1_s"] <= r["median_s"] <= r["q3_s"]
-        assert r["peak_mib"] is None and r["base_mib"] is None  # CPU memory needs its own process
+        assert r["peak_mib"] is None and r["base_mib"] is None  # memory needs its own process
 
 
 def test_peer_networks_have_the_same_parameters(in_process):
@@ -150,3 +152,27 @@ def test_compiled_run_compiles_both_and_names_the_peers_left_out(tmp_path):
     assert set(_rows(result)) == {("ann", "-", 1, False), ("spikegrad", "torch", 1, False)}
     assert [m["case"] for m in result["not_measured"]] == ["spikingjelly"]
     assert "both compiled" in page
+
+
+def test_timed_rounds_interleave_the_cases_and_survive_a_failing_one(monkeypatch):
+    calls = []
+
+    def fake_prepare(setup, case):
+        if case.T == 3:
+            raise RuntimeError("cannot build\nsecond line")
+        return bench.Prepared(lambda: calls.append(case.T), lambda: None, params=case.T)
+
+    monkeypatch.setattr(bench, "prepare", fake_prepare)
+    setup = bench.Setup("plain-8", 1.0, 2, repeats=3, warmup=1, device="cpu", threads=1)
+    cases = [bench.Case("spikegrad", "torch", T, False) for T in (1, 2, 3)]
+    rows, failed = bench.time_interleaved(setup, cases)
+    assert calls == [1, 2] + [1, 2] * 3  # warm-ups, then one step of each case per round
+    assert [(r["T"], r["params"], len(r["times_s"])) for r in rows] == [(1, 1, 3), (2, 2, 3)]
+    assert failed == [{"case": "spikegrad torch T=3", "reason": "RuntimeError: cannot build"}]
+
+
+def test_contiguous_option_is_recorded(tmp_path):
+    result, page = _run(tmp_path, "--in-process", "--contiguous", "--T", "1", "--backends", "torch",
+                        "--peers", "--shortcut", "off")
+    assert result["meta"]["channels_last"] is False and "--contiguous" in result["meta"]["command"]
+    assert "ANN twin and spikegrad contiguous" in page

@@ -4,10 +4,12 @@
 optimizer) of a CIFAR-size network (ResNet-18 at batch 32 by default) for the ANN
 twin, spikegrad at each T and neuron backend, SpikingJelly's multi-step network and
 snnTorch's network called once per time step, with and without shortcut branches.
-Each configuration runs in its own subprocess, so its peak RSS is its own (RSS never
-goes down); on CUDA the peak is ``max_memory_allocated``. Reports medians, spreads
-and the ratios SNN(T) / (T x ANN), spikegrad / peer and shortcut / no-shortcut as a
-markdown table and a JSON file.
+Every configuration is built in this process and timed in interleaved rounds (one step
+of each in turn), so a machine whose speed drifts slows all of them alike and the
+ratios stay side by side. Memory comes from a subprocess per configuration, so its
+peak RSS is its own (RSS never goes down); on CUDA the peak is ``max_memory_allocated``.
+Reports medians, spreads and the ratios SNN(T) / (T x ANN), spikegrad / peer and
+shortcut / no-shortcut as a markdown table and a JSON file.
 
 ``spikegrad bench neuron``: forward+backward of one multi-step LIF layer per
 backend, beside SpikingJelly's ``LIFNode``.
@@ -43,7 +45,8 @@ from .models import create_model, list_models
 from .shortcut import ShortcutNet
 
 __all__ = ["main", "neuron_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
-           "plan", "build_net", "measure", "run_isolated", "measure_isolated", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
+           "plan", "build_net", "prepare", "Prepared", "measure", "time_interleaved", "run_isolated",
+           "memory_isolated", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
            "SpikingJellyNet", "SnnTorchNet", "PEER_MODELS", "PEERS", "BACKENDS"]
 
 PEERS = ("spikingjelly", "snntorch")
@@ -258,6 +261,7 @@ class Setup:
     device: str
     threads: int
     compile: bool = False
+    channels_last: bool = True
 
 
 @dataclass(frozen=True)
@@ -302,13 +306,16 @@ def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
 
 
 def build_net(setup: Setup, case: Case) -> nn.Module:
-    """The network of ``case``, wrapped in ``ShortcutNet`` (branches at every stage but the last)
+    """The network of ``case`` (the ANN twin and spikegrad's channels-last unless
+    ``setup.channels_last`` is False), wrapped in ``ShortcutNet`` (branches at every stage but the last)
     when ``case.shortcut`` and in ``torch.compile`` when ``setup.compile``;
     ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]`` (and branch logits)."""
     if case.net == "ann":
-        net: nn.Module = create_model(setup.model, CLASSES, T=1, width=setup.width, neuron={"type": "relu"})
+        net: nn.Module = create_model(setup.model, CLASSES, T=1, width=setup.width, neuron={"type": "relu"},
+                                      channels_last=setup.channels_last)
     elif case.net == "spikegrad":
-        net = create_model(setup.model, CLASSES, T=case.T, width=setup.width, backend=case.backend)
+        net = create_model(setup.model, CLASSES, T=case.T, width=setup.width, backend=case.backend,
+                           channels_last=setup.channels_last)
     else:
         peer = {"spikingjelly": SpikingJellyNet, "snntorch": SnnTorchNet}[case.net]
         net = peer(setup.model, case.T, setup.width)
@@ -339,46 +346,96 @@ def _peak_mib(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def measure(setup: Setup, case: Case, own_process: bool) -> dict[str, Any]:
-    """Time ``setup.repeats`` training steps of ``case`` after ``setup.warmup`` untimed ones.
+class Prepared(NamedTuple):
+    """A configuration ready to run: its training ``step``, the device ``sync`` and ``params``."""
 
-    Returns the case's fields, ``params``, ``times_s``, ``summarize``'s statistics, and
-    ``peak_mib``/``base_mib`` (peak memory, and the same before the model was built): on
-    CPU only when ``own_process`` (this process runs nothing else), else None.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(setup.threads)
-    try:
-        return _measure(setup, case, own_process)
-    finally:
-        torch.set_num_threads(threads)
+    step: Callable[[], None]
+    sync: Callable[[], None]
+    params: int
 
 
-def _measure(setup: Setup, case: Case, own_process: bool) -> dict[str, Any]:
-    """``measure`` at the threads already set."""
+def prepare(setup: Setup, case: Case) -> Prepared:
+    """Build ``case``'s network (seed 0) and its training step on a fixed random batch."""
     device = torch.device(setup.device)
     if case.net in PEERS:
         importlib.import_module(case.net)  # its import is part of the base, not of the step
-    memory = device.type == "cuda" or own_process
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    base = _peak_mib(device) if memory else None
     torch.manual_seed(0)
     net = build_net(setup, case).to(device).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(setup.batch, CHANNELS, IMAGE, IMAGE, generator=gen).to(device)
     y = torch.randint(0, CLASSES, (setup.batch,), generator=gen).to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times = time_runs(_training_step(net, case.shortcut, x, y), setup.repeats, setup.warmup, sync)
-    params = sum(p.numel() for p in net.parameters())
+    return Prepared(_training_step(net, case.shortcut, x, y), sync, sum(p.numel() for p in net.parameters()))
+
+
+def _row(case: Case, params: int, times: list[float]) -> dict[str, Any]:
     return {**asdict(case), "name": case.name, "label": case.label, "params": params, "times_s": times,
-            **summarize(times), "peak_mib": _peak_mib(device) if memory else None, "base_mib": base}
+            **summarize(times)}
+
+
+def _with_threads(threads: int, fn: Callable[[], Any]) -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+def measure(setup: Setup, case: Case) -> dict[str, Any]:
+    """``case`` alone in this process: ``setup.repeats`` timed steps after ``setup.warmup``
+    untimed ones; ``_row``'s fields plus ``peak_mib``/``base_mib``, the peak memory and the
+    same before the model was built (this process's RSS on CPU: run it in a fresh process)."""
+    def run() -> dict[str, Any]:
+        device = torch.device(setup.device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if case.net in PEERS:
+            importlib.import_module(case.net)
+        base = _peak_mib(device)
+        prepared = prepare(setup, case)
+        times = time_runs(prepared.step, setup.repeats, setup.warmup, prepared.sync)
+        return {**_row(case, prepared.params, times), "peak_mib": _peak_mib(device), "base_mib": base}
+    return _with_threads(setup.threads, run)
+
+
+Failure = dict[str, str]  # {"case": label, "reason": one line}
+
+
+def time_interleaved(setup: Setup, cases: list[Case], log: Callable[[str], None] = lambda line: None
+                     ) -> tuple[list[dict[str, Any]], list[Failure]]:
+    """Time every case in this process, in rounds: all cases are built and warmed up
+    (``setup.warmup`` steps each), then each of ``setup.repeats`` rounds times one step of
+    every case in turn, so drift in the machine's speed touches all of them alike.
+
+    Returns ``_row``'s dict per case that ran, and ``{"case", "reason"}`` per case that failed
+    (one failing configuration never loses the others' numbers)."""
+    def run() -> tuple[list[dict[str, Any]], list[Failure]]:
+        ready: dict[Case, Prepared] = {}
+        failed: list[Failure] = []
+        for i, case in enumerate(cases, start=1):
+            try:
+                ready[case] = prepared = prepare(setup, case)
+                time_runs(prepared.step, 0, setup.warmup, prepared.sync)
+            except Exception as err:
+                ready.pop(case, None)
+                failed.append({"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
+                log(f"[{i}/{len(cases)}] {case.label}: failed: {failed[-1]['reason']}")
+                continue
+            log(f"[{i}/{len(cases)}] {case.label}: built and warmed up")
+        times: dict[Case, list[float]] = {case: [] for case in ready}
+        for r in range(1, setup.repeats + 1):
+            for case, prepared in ready.items():
+                times[case] += time_runs(prepared.step, 1, 0, prepared.sync)
+            log(f"round {r}/{setup.repeats}: " + ", ".join(f"{c.label} {times[c][-1] * 1e3:.0f} ms" for c in ready))
+        return [_row(case, ready[case].params, times[case]) for case in ready], failed
+    return _with_threads(setup.threads, run)
 
 
 def worker(spec: str) -> None:
     """Subprocess entry: ``spec`` is JSON ``{"setup": ..., "case": ...}``; prints ``measure``'s JSON."""
     parsed = json.loads(spec)
-    print(json.dumps(measure(Setup(**parsed["setup"]), Case(**parsed["case"]), own_process=True)))
+    print(json.dumps(measure(Setup(**parsed["setup"]), Case(**parsed["case"]))))
 
 
 # glibc keeps freed buffers below its (growing) mmap threshold resident; with it fixed at
@@ -405,15 +462,18 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
-def measure_isolated(setup: Setup, case: Case) -> dict[str, Any]:
-    """``run_isolated``'s row plus, on CPU, ``live_mib``/``live_base_mib``: the peak RSS of
-    one warm-up and two steps in another process run with ``LIVE_ENV`` (memory in use,
-    without the allocator's retention, which the timed process's ``peak_mib`` includes)."""
-    row = run_isolated(setup, case)
+def memory_isolated(setup: Setup, case: Case) -> dict[str, Any]:
+    """``case``'s memory, each figure from a fresh process running one warm-up and two steps:
+    ``peak_mib``/``base_mib`` (peak, and before the model was built: RSS on CPU, CUDA's max
+    allocated) and, on CPU, ``live_mib``/``live_base_mib``, the same with ``LIVE_ENV`` (memory
+    in use, without the allocator's retention that the default allocator's peak includes)."""
+    short = replace(setup, repeats=2, warmup=1)
+    peak = run_isolated(short, case)
+    memory = {"peak_mib": peak["peak_mib"], "base_mib": peak["base_mib"]}
     if setup.device == "cpu":
-        live = run_isolated(replace(setup, repeats=2, warmup=1), case, LIVE_ENV)
-        row.update(live_mib=live["peak_mib"], live_base_mib=live["base_mib"])
-    return row
+        live = run_isolated(short, case, LIVE_ENV)
+        memory.update(live_mib=live["peak_mib"], live_base_mib=live["base_mib"])
+    return memory
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -471,9 +531,10 @@ def _table(rows: list[dict[str, Any]], columns: list) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     """The report: the settings, one table per shortcut setting, and what was not measured."""
     meta = result["meta"]
-    memory = {"cuda": "max allocated",
+    memory = {"cuda": "max allocated, one configuration per subprocess",
               "cpu": "peak RSS, one configuration per subprocess (live: another subprocess with "
                      "glibc's mmap threshold fixed at 1 MiB, so freed buffers leave RSS)"}[meta["device"]]
+    layout = "channels-last" if meta.get("channels_last", True) else "contiguous"
     lines = [f"## Training step: {meta['model']} (width {meta['width']:g}), batch {meta['batch']}, "
              f"{IMAGE}x{IMAGE} input, {CLASSES} classes",
              "",
@@ -481,7 +542,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['load_before']} before, {meta['load_after']} after; torch {meta['torch']}, "
              f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}.",
              f"Median and interquartile range of {meta['repeats']} steps after {meta['warmup']} warm-up "
-             f"steps; memory: {memory if meta['isolated'] or meta['device'] == 'cuda' else 'not measured'}.",
+             f"steps, timed in interleaved rounds in one process; ANN twin and spikegrad {layout}; "
+             f"memory: {memory if meta['isolated'] else 'not measured'}.",
              f"Command: `{meta['command']}`"]
     for shortcut in (False, True):
         rows = [r for r in result["rows"] if r["shortcut"] == shortcut]
@@ -521,7 +583,8 @@ def _command(args: argparse.Namespace, s: dict[str, Any]) -> str:
              "--batch", str(s["batch"]), "--T", *map(str, s["T"]), "--backends", *args.backends,
              "--peers", *args.peers, "--shortcut", args.shortcut, "--repeats", str(s["repeats"]),
              "--warmup", str(s["warmup"]), "--device", s["device"], "--threads", str(s["threads"])]
-    flags = [flag for flag, on in (("--compile", args.compile), ("--in-process", args.in_process)) if on]
+    flags = [flag for flag, on in (("--compile", args.compile), ("--contiguous", args.contiguous),
+                                   ("--in-process", args.in_process)) if on]
     return shlex.join(words + flags)
 
 
@@ -547,7 +610,7 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
     ``args.out`` (if given) and return the result (``meta``, ``rows``, ``not_measured``)."""
     s = _settings(args)
     setup = Setup(args.model, s["width"], s["batch"], s["repeats"], s["warmup"], s["device"], s["threads"],
-                  args.compile)
+                  args.compile, not args.contiguous)
     shortcuts = {"both": [False, True], "off": [False], "on": [True]}[args.shortcut]
     if args.backends is None:
         args.backends = [*BACKENDS, *(["triton"] if s["device"] == "cuda" else [])]
@@ -559,16 +622,19 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
             "torch": torch.__version__, "spikingjelly": _version("spikingjelly"), "snntorch": _version("snntorch"),
             "python": platform.python_version(), "load_before": _load(),
             "command": _command(args, s)}
-    rows = []
-    for i, case in enumerate(cases, start=1):
-        try:
-            rows.append(measure(setup, case, own_process=False) if args.in_process
-                        else measure_isolated(setup, case))
-        except Exception as err:  # one failing configuration must not lose the others' numbers
-            not_measured.append({"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
-            print(f"[{i}/{len(cases)}] {case.label}: failed: {not_measured[-1]['reason']}", file=sys.stderr)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    rows, failed = time_interleaved(setup, cases, log)
+    not_measured += failed
+    for i, row in enumerate(rows, start=1):
+        row.update(peak_mib=None, base_mib=None)
+        if args.in_process:
             continue
-        print(f"[{i}/{len(cases)}] {case.label}: {rows[-1]['median_s'] * 1e3:.1f} ms", file=sys.stderr)
+        try:
+            row.update(memory_isolated(setup, Case(row["net"], row["backend"], row["T"], row["shortcut"])))
+        except Exception as err:
+            log(f"[{i}/{len(rows)}] {row['label']}: memory not measured: {err}")
+            continue
+        log(f"[{i}/{len(rows)}] {row['label']}: peak {row['peak_mib']:.0f} MiB")
     add_ratios(rows)
     result = {"meta": {**meta, "load_after": _load()}, "rows": rows, "not_measured": not_measured}
     text = markdown(result)

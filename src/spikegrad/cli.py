@@ -167,8 +167,10 @@ def _parser() -> argparse.ArgumentParser:
                     "machine makes several threads wait on each other)")
     st.add_argument("--compile", action="store_true",
                     help="torch.compile the ANN twin and spikegrad's networks (peers are not measured)")
+    st.add_argument("--contiguous", action="store_true",
+                    help="build the ANN twin and spikegrad's networks contiguous instead of channels-last")
     st.add_argument("--in-process", action="store_true",
-                    help="run every configuration in this process (faster; no CPU memory figures)")
+                    help="no memory subprocesses (faster; no memory figures)")
     st.add_argument("--quick", action="store_true", help="tiny model for tests: the --quick defaults above")
     st.add_argument("--out", metavar="DIR", help="write DIR/train_step.md and DIR/train_step.json")
     ne = kinds.add_parser("neuron", help="forward+backward of one multi-step LIF layer per backend, "
