@@ -5,6 +5,7 @@ subprocess per configuration) covers the memory figures; the interleaving of the
 timed rounds is checked with stand-in steps. The fused backend's cold compiles are left
 to test_neuron.py.
 """
+import argparse
 import json
 import statistics
 
@@ -176,3 +177,22 @@ def test_contiguous_option_is_recorded(tmp_path):
                         "--peers", "--shortcut", "off")
     assert result["meta"]["channels_last"] is False and "--contiguous" in result["meta"]["command"]
     assert "ANN twin and spikegrad contiguous" in page
+
+
+def test_conv_layout_table_reports_each_map_in_both_layouts(capsys):
+    args = argparse.Namespace(maps=[(4, 8), (8, 4)], rows=2, repeats=2)
+    rows = bench.conv_main(args)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [(r["channels"], r["side"]) for r in rows] == [(4, 8), (8, 4)]
+    for r, line in zip(rows, lines):
+        assert r["ratio"] == pytest.approx(r["channels_last_s"] / r["contiguous_s"])
+        assert line.strip("|").split("|")[1:] == [f" {r['contiguous_s'] * 1e3:.1f} ",
+                                                   f" {r['channels_last_s'] * 1e3:.1f} ", f" {r['ratio']:.2f} "]
+
+
+def test_bad_map_ends_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "conv", "--maps", "64x32"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "expected CHANNELS@SIDE such as 64@32, got '64x32'" in err and len(err.splitlines()) == 1

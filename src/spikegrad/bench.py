@@ -12,7 +12,9 @@ Reports medians, spreads and the ratios SNN(T) / (T x ANN), spikegrad / peer and
 shortcut / no-shortcut as a markdown table and a JSON file.
 
 ``spikegrad bench neuron``: forward+backward of one multi-step LIF layer per
-backend, beside SpikingJelly's ``LIFNode``.
+backend, beside SpikingJelly's ``LIFNode``. ``spikegrad bench conv``: a 3x3
+convolution per map size, contiguous against channels-last (the layout rule of
+``layers.Conv2d``).
 
 Method and recorded results: docs/performance.md.
 """
@@ -44,7 +46,7 @@ from .layers import Head
 from .models import create_model, list_models
 from .shortcut import ShortcutNet
 
-__all__ = ["main", "neuron_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
+__all__ = ["main", "neuron_main", "conv_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
            "plan", "build_net", "prepare", "Prepared", "measure", "time_interleaved", "run_isolated",
            "memory_isolated", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
            "SpikingJellyNet", "SnnTorchNet", "PEER_MODELS", "PEERS", "BACKENDS"]
@@ -125,6 +127,43 @@ def neuron_main(args: argparse.Namespace) -> None:
         reference = reference or stats["median_s"]
         print(f"| {name} | {stats['median_s'] * 1e3:.1f} | {(stats['q3_s'] - stats['q1_s']) * 1e3:.1f} "
               f"| {stats['median_s'] / reference:.2f} |")
+
+
+# --- the convolution layout benchmark -------------------------------------------------------
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels-last": torch.channels_last}
+
+
+def conv_main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Print the layout table: a 3x3 conv's forward+backward on 0/1 input ``[rows, C, H, W]`` for
+    each ``C@H`` of ``args.maps``, contiguous and channels-last, timed in interleaved rounds;
+    returns one dict per (map, layout) with the median and the ratio to contiguous."""
+    if args.repeats < 2:
+        raise ValueError(f"--repeats must be at least 2 (the spread needs two runs), got {args.repeats}")
+    runs = {}
+    for channels, side in args.maps:
+        for layout, memory_format in LAYOUTS.items():
+            conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(memory_format=memory_format)
+            x = (torch.rand(args.rows, channels, side, side) < 0.2).float()
+            x = x.contiguous(memory_format=memory_format).requires_grad_()
+            grad = torch.randn_like(x)
+            runs[(channels, side, layout)] = lambda conv=conv, x=x, grad=grad: conv(x).backward(grad)
+    times: dict[tuple, list[float]] = {key: [] for key in runs}
+    for key, run in runs.items():
+        time_runs(run, 0, 2)
+    for _ in range(args.repeats):
+        for key, run in runs.items():
+            times[key] += time_runs(run, 1, 0)
+    print(f"3x3 conv forward+backward, {args.rows} rows of 0/1 input, torch {torch.__version__}, {_cpu_name()}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved rounds\n")
+    print("| channels @ map | contiguous ms | channels-last ms | channels-last / contiguous |\n|---|---|---|---|")
+    rows = []
+    for channels, side in args.maps:
+        plain, last = (statistics.median(times[(channels, side, layout)]) for layout in LAYOUTS)
+        rows.append({"channels": channels, "side": side, "contiguous_s": plain, "channels_last_s": last,
+                     "ratio": last / plain})
+        print(f"| {channels} @ {side}x{side} | {plain * 1e3:.1f} | {last * 1e3:.1f} | {last / plain:.2f} |")
+    return rows
 
 
 # --- the peers' networks --------------------------------------------------------------------
@@ -649,5 +688,6 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> None:
-    """``spikegrad bench``: ``args.kind`` ``"step"`` (training step) or ``"neuron"`` (one LIF layer)."""
-    (neuron_main if args.kind == "neuron" else step_main)(args)
+    """``spikegrad bench``: ``args.kind`` ``"step"`` (training step), ``"neuron"`` (one LIF layer)
+    or ``"conv"`` (a convolution in each memory layout)."""
+    {"neuron": neuron_main, "conv": conv_main}.get(args.kind, step_main)(args)

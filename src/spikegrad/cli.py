@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 from pathlib import Path
 
 __all__ = ["main"]
@@ -99,6 +100,17 @@ def _cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plots.plot_compare(args.run_dirs, out)}")
 
 
+def _channels_at_side(text: str) -> tuple[int, int]:
+    """``"64@32"`` -> ``(64, 32)``."""
+    try:
+        channels, side = (int(part) for part in text.split("@"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CHANNELS@SIDE such as 64@32, got {text!r}") from None
+    if channels < 1 or side < 1:
+        raise argparse.ArgumentTypeError(f"channels and side must be positive, got {text!r}")
+    return channels, side
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -113,8 +125,15 @@ def _cmd_ablation(args: argparse.Namespace) -> None:
     ablation.main(args)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (no usage block): ``prog: error: what``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spikegrad", description="Train deep spiking neural "
+    parser = _Parser(prog="spikegrad", description="Train deep spiking neural "
                                      "networks with surrogate gradients and shortcut back-propagation.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model (see configs/)")
@@ -147,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="training-step (default) or neuron benchmarks, side by side "
                         "with SpikingJelly and snnTorch")
     be.set_defaults(func=_cmd_bench)
-    kinds = be.add_subparsers(dest="kind", metavar="{step,neuron}")
+    kinds = be.add_subparsers(dest="kind", metavar="{step,neuron,conv}")
     st = kinds.add_parser("step", help="forward+backward+optimizer step of a CIFAR network: ANN twin, "
                           "spikegrad per T and backend, peers; time, peak memory, ratios")
     st.add_argument("--model", default="resnet18", help="registry name (peers: resnet18/20/34; default resnet18)")
@@ -177,6 +196,12 @@ def _parser() -> argparse.ArgumentParser:
                           "beside SpikingJelly's LIFNode")
     ne.add_argument("--shape", type=int, nargs="+", default=[4, 32, 64, 32, 32], help="[T, B, ...]")
     ne.add_argument("--repeats", type=int, default=20)
+    co = kinds.add_parser("conv", help="a 3x3 conv's forward+backward per map size, contiguous against "
+                          "channels-last")
+    co.add_argument("--maps", type=_channels_at_side, nargs="+", default=[(64, 32), (128, 16), (256, 8), (512, 4)],
+                    metavar="C@H", help="channels @ map side (default: CIFAR ResNet-18's 64@32 128@16 256@8 512@4)")
+    co.add_argument("--rows", type=int, default=128, help="batch rows, T x batch (default 128 = 4 x 32)")
+    co.add_argument("--repeats", type=int, default=7)
     from .ablation import add_arguments as ablation_arguments  # no torch import
 
     ab = sub.add_parser("ablation", help="several methods over several seeds of one config: "

@@ -14,14 +14,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .memory import BatchNorm2d
+from .memory import BatchNorm2d, relayout
 from .neuron import IF, LIF, PLIF, BaseNeuron
 from .surrogate import Surrogate
 
 __all__ = [
     "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
     "NEURON_DEFAULTS", "NEURON_TYPES", "neuron_config", "make_neuron", "ClampReLU",
-    "neuron_layers", "conv_bn", "AvgPool2x2", "spiking_conv_stack", "Head",
+    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "conv_bn", "AvgPool2x2", "spiking_conv_stack", "Head",
 ]
 
 
@@ -177,6 +177,26 @@ def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (BaseNeuron, ClampReLU))]
 
 
+# oneDNN's channels-last convolutions win on CPU from 8x8 maps up and lose on smaller ones
+# (512 channels at 4x4: 1.4x slower than contiguous; docs/performance.md)
+CHANNELS_LAST_MIN_PIXELS = 64
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` on ``[N, C, H, W]`` that, when ``channels_last`` (``create_model`` sets it),
+    runs channels-last on CPU maps of at least ``CHANNELS_LAST_MIN_PIXELS`` pixels and
+    contiguous on smaller ones; the output keeps that layout. Same parameters and values."""
+
+    channels_last = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[N, C_in, H, W]`` -> ``[N, C_out, H', W']``."""
+        if self.channels_last and x.device.type == "cpu" and x.dim() == 4:
+            large = x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
+            x = relayout(x, torch.channels_last if large else torch.contiguous_format)
+        return super().forward(x)
+
+
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
             norm: str = "bn") -> SeqToANN:
     """``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H/stride, W/stride]``: a same-padded conv, then BN.
@@ -184,7 +204,7 @@ def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: i
     Children ``conv`` and ``bn`` (``memory.BatchNorm2d``: saves its output, which the
     neuron after it saves too); with ``norm="none"`` only ``conv``, which then has a bias.
     """
-    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none")
+    conv = Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none")
     parts = [("conv", conv)] + ([("bn", BatchNorm2d(out_channels))] if norm == "bn" else [])
     return SeqToANN(OrderedDict(parts))
 

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["memory_order", "saved_tensors", "SavedTensors", "mark_spikes", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
+__all__ = ["memory_order", "saved_tensors", "SavedTensors", "mark_spikes", "relayout", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
 
 GAMMA_MIN = 1e-3
 _state = threading.local()
@@ -161,6 +161,18 @@ def mark_spikes(spikes: Tensor) -> None:
         active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
 
 
+def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``t.contiguous(memory_format=...)`` that keeps a spike mark: the copy of marked spikes
+    is marked too, so the layer that saves it still saves bits."""
+    out = t.contiguous(memory_format=memory_format)
+    active = _active()
+    if out is not t and active is not None:
+        mark = active.marks.get(t.untyped_storage().data_ptr())
+        if mark is not None and mark.ref() is not None and t._version == mark.version:
+            mark_spikes(out)
+    return out
+
+
 @contextlib.contextmanager
 def saved_tensors(compact: bool = True) -> Iterator[SavedTensors | None]:
     """Within the block, autograd's saved tensors are counted and, with ``compact``, marked
@@ -199,7 +211,8 @@ class _BatchNormSavingOutput(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: Tensor):
         y, weight, bias, invstd = ctx.saved_tensors
-        x_hat = (y - _channel(bias, y)).div_(_channel(weight, y))
+        inverse = 1.0 / weight
+        x_hat = torch.addcmul(_channel(-bias * inverse, y), y, _channel(inverse, y))  # (y - beta) / gamma
         # PyTorch's own BN backward on x_hat (mean 0, invstd 1) with the scale folded into
         # the weight gives the same three gradients in one pass and no other temporary
         grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(

@@ -10,10 +10,8 @@ import functools
 import re
 from typing import Any, Callable
 
-import torch
-
 from .. import surrogate as sg
-from ..layers import ENCODERS, neuron_config
+from ..layers import ENCODERS, Conv2d, neuron_config
 from ..neuron import BACKENDS
 from . import plain, resnet, vgg
 from .base import Body, Context, SpikingNet, init_gain, init_weights
@@ -96,8 +94,8 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     is), a ``surrogate.create`` dict, or None for ATan(alpha=2); ``norm`` ``"bn"`` or
     ``"none"`` (convs then get a bias); ``width`` multiplies every channel count;
     ``backend`` the neurons' backend (fills ``neuron["backend"]`` when that is ``auto``);
-    ``channels_last`` stores the conv weights, and so every activation, channels-last
-    (same values and ``state_dict``; faster convolutions on CPU, see docs/performance.md).
+    ``channels_last`` runs the convolutions of CPU maps of at least 8x8 channels-last
+    (``layers.Conv2d``; same values and ``state_dict``, faster on CPU: docs/performance.md).
     ResNets also take ``stem`` (``"cifar"``, default, or ``"imagenet"``) and ``sew`` (False).
     Any bad name or argument raises one ``ValueError``.
     """
@@ -124,4 +122,7 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
               "width": float(width), "backend": backend, "channels_last": channels_last, **options}
     model = SpikingNet(builder(ctx, **options), encoding, T, in_channels, num_classes, sur, config)
     init_weights(model, init_gain(norm, neuron_cfg))
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    for conv in model.modules():
+        if isinstance(conv, Conv2d):
+            conv.channels_last = channels_last
+    return model
