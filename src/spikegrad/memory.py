@@ -165,7 +165,7 @@ def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``t.contiguous(memory_format=...)`` that keeps a spike mark: the copy of marked spikes
     is marked too, so the layer that saves it still saves bits."""
     out = t.contiguous(memory_format=memory_format)
-    active = _active()
+    active = None if torch.compiler.is_compiling() else _active()
     if out is not t and active is not None:
         mark = active.marks.get(t.untyped_storage().data_ptr())
         if mark is not None and mark.ref() is not None and t._version == mark.version:
