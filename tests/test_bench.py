@@ -196,3 +196,17 @@ def test_bad_map_ends_in_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "expected CHANNELS@SIDE such as 64@32, got '64x32'" in err and len(err.splitlines()) == 1
+
+
+def test_a_failed_memory_run_keeps_the_times_and_says_why(tmp_path, monkeypatch):
+    def fake_memory(setup, case):
+        if case.net == "spikegrad":
+            raise RuntimeError("MemoryError: out of memory")
+        return {"peak_mib": 100.0, "base_mib": 50.0, "live_mib": 90.0, "live_base_mib": 50.0}
+
+    monkeypatch.setattr(bench, "memory_isolated", fake_memory)
+    result, text = _run(tmp_path, "--T", "1", "--backends", "torch", "--peers", "--shortcut", "off")
+    ann, ours = result["rows"]
+    assert (ann["peak_mib"], ours["peak_mib"], len(ours["times_s"])) == (100.0, None, 2)
+    assert result["not_measured"] == [{"case": "spikegrad torch T=1 (memory)", "reason": "MemoryError: out of memory"}]
+    assert _table_cells(text, "Without shortcut branches")[("spikegrad torch", 1)]["peak MiB (before model)"] == "–"

@@ -1,0 +1,62 @@
+"""Where a training step's time goes: ``torch.profiler`` self-CPU time by kind of work.
+
+    .venv/bin/python benchmarks/profile_step.py [--net spikegrad] [--backend fused] [--T 4] [--threads 1]
+
+Builds the network of ``spikegrad bench step`` (CIFAR ResNet-18, batch 32; ``--net``
+``ann``, ``spikegrad``, ``spikingjelly`` or ``snntorch``), runs two warm-up steps,
+profiles ``--profiles`` steps and prints the fastest one's totals per kind (seconds),
+then its ten most expensive operators. Recorded results: docs/performance.md.
+"""
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from spikegrad.bench import CHANNELS, CLASSES, IMAGE, Case, Setup, _training_step, build_net
+
+KINDS = {
+    "convolution forward": ("aten::mkldnn_convolution", "aten::_convolution"),
+    "convolution backward": ("aten::convolution_backward",),
+    "batch norm": ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::addcmul"),
+    "spike bits (pack, unpack)": ("aten::addmv_", "aten::index_select"),
+    "copy_": ("aten::copy_",),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--net", default="spikegrad", choices=["ann", "spikegrad", "spikingjelly", "snntorch"])
+    parser.add_argument("--backend", default="fused", help="spikegrad's neuron backend")
+    parser.add_argument("--T", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profiles", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    backend = {"ann": "-", "spikegrad": args.backend, "spikingjelly": "auto", "snntorch": "torch"}[args.net]
+    case = Case(args.net, backend, 1 if args.net == "ann" else args.T, False)
+    torch.manual_seed(0)
+    net = build_net(Setup("resnet18", 1.0, args.batch, 1, 2, "cpu", args.threads), case).train()
+    step = _training_step(net, False, torch.randn(args.batch, CHANNELS, IMAGE, IMAGE),
+                          torch.randint(0, CLASSES, (args.batch,)))
+    for _ in range(2):  # warm-up: the fused neuron compiles in the first
+        step()
+    runs = []
+    for _ in range(args.profiles):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        runs.append(prof.key_averages())
+    events = min(runs, key=lambda evs: sum(e.self_cpu_time_total for e in evs))
+    seconds = {e.key: e.self_cpu_time_total / 1e6 for e in events}
+    print(f"{case.label}, batch {args.batch}, {args.threads} thread(s): step {sum(seconds.values()):.2f} s")
+    for kind, names in KINDS.items():
+        print(f"  {kind}: {sum(seconds.get(n, 0.0) for n in names):.2f} s")
+    compiled = sum(s for key, s in seconds.items() if "CompiledFxGraph" in key)
+    print(f"  compiled graphs (the fused neuron): {compiled:.2f} s")
+    print("  most expensive operators:")
+    for key, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:10]:
+        print(f"    {key[:60]}: {s:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
