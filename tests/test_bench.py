@@ -53,7 +53,7 @@ def test_every_configuration_is_measured_with_its_spread(in_process):
     assert set(_rows(result)) == expected and len(result["rows"]) == len(expected)
     for r in result["rows"]:
         times = r["times_s"]
-        assert len(times) == 2
+        assert len(times) == (4 if r["net"] == "ann" else 2)  # the ANN twin is timed with each T
         assert r["median_s"] == pytest.approx(statistics.median(times))
         assert (r["min_s"], r["max_s"]) == (min(times), max(times))
         assert r["q1_s"] <= r["median_s"] <= r["q3_s"]
@@ -155,20 +155,30 @@ def test_compiled_run_compiles_both_and_names_the_peers_left_out(tmp_path):
     assert "both compiled" in page
 
 
-def test_timed_rounds_interleave_the_cases_and_survive_a_failing_one(monkeypatch):
-    calls = []
+def test_timed_rounds_interleave_each_group_and_survive_a_failing_case(monkeypatch):
+    calls, released = [], []
+
+    class Net:  # stands in for a built network: records its steps and its release
+        def __init__(self, T):
+            self.T = T
+
+        def __del__(self):
+            released.append(self.T)
 
     def fake_prepare(setup, case):
         if case.T == 3:
             raise RuntimeError("cannot build\nsecond line")
-        return bench.Prepared(lambda: calls.append(case.T), lambda: None, params=case.T)
+        net = Net(case.T)
+        return bench.Prepared(lambda: calls.append(net.T), lambda: None, params=case.T)
 
     monkeypatch.setattr(bench, "prepare", fake_prepare)
-    setup = bench.Setup("plain-8", 1.0, 2, repeats=3, warmup=1, device="cpu", threads=1)
-    cases = [bench.Case("spikegrad", "torch", T, False) for T in (1, 2, 3)]
-    rows, failed = bench.time_interleaved(setup, cases)
-    assert calls == [1, 2] + [1, 2] * 3  # warm-ups, then one step of each case per round
-    assert [(r["T"], r["params"], len(r["times_s"])) for r in rows] == [(1, 1, 3), (2, 2, 3)]
+    setup = bench.Setup("plain-8", 1.0, 2, repeats=2, warmup=1, device="cpu", threads=1)
+    shared, a, b, bad = (bench.Case("spikegrad", "torch", T, False) for T in (1, 2, 4, 3))
+    rows, failed = bench.time_interleaved(setup, [[shared, a, bad], [shared, b]])
+    # group 1: warm-ups, two rounds; group 2: only b is new (shared is kept), two rounds
+    assert calls == [1, 2] + [1, 2] * 2 + [4] + [1, 4] * 2
+    assert released[:1] == [2]  # a's network went before b's was built
+    assert [(r["T"], r["params"], len(r["times_s"])) for r in rows] == [(1, 1, 4), (2, 2, 2), (4, 4, 2)]
     assert failed == [{"case": "spikegrad torch T=3", "reason": "RuntimeError: cannot build"}]
 
 

@@ -4,10 +4,11 @@
 optimizer) of a CIFAR-size network (ResNet-18 at batch 32 by default) for the ANN
 twin, spikegrad at each T and neuron backend, SpikingJelly's multi-step network and
 snnTorch's network called once per time step, with and without shortcut branches.
-Every configuration is built in this process and timed in interleaved rounds (one step
-of each in turn), so a machine whose speed drifts slows all of them alike and the
-ratios stay side by side. Memory comes from a subprocess per configuration, so its
-peak RSS is its own (RSS never goes down); on CUDA the peak is ``max_memory_allocated``.
+The configurations of each T (and the ANN twin) are built in this process and timed in
+interleaved rounds (one step of each in turn), so a machine whose speed drifts slows all
+of them alike and the ratios stay side by side. Memory comes first, from a subprocess per
+configuration, so its peak RSS is its own (RSS never goes down, and a child starts with
+its parent's); on CUDA the peak is ``max_memory_allocated``.
 Reports medians, spreads and the ratios SNN(T) / (T x ANN), spikegrad / peer and
 shortcut / no-shortcut as a markdown table and a JSON file.
 
@@ -48,7 +49,7 @@ from .shortcut import ShortcutNet
 
 __all__ = ["main", "neuron_main", "conv_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
            "plan", "build_net", "prepare", "Prepared", "measure", "time_interleaved", "run_isolated",
-           "memory_isolated", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
+           "memory_isolated", "measure_memory", "LIVE_ENV", "add_ratios", "markdown", "PeerNet",
            "SpikingJellyNet", "SnnTorchNet", "PEER_MODELS", "PEERS", "BACKENDS"]
 
 PEERS = ("spikingjelly", "snntorch")
@@ -441,33 +442,49 @@ def measure(setup: Setup, case: Case) -> dict[str, Any]:
 Failure = dict[str, str]  # {"case": label, "reason": one line}
 
 
-def time_interleaved(setup: Setup, cases: list[Case], log: Callable[[str], None] = lambda line: None
+def time_interleaved(setup: Setup, groups: list[list[Case]], log: Callable[[str], None] = lambda line: None
                      ) -> tuple[list[dict[str, Any]], list[Failure]]:
-    """Time every case in this process, in rounds: all cases are built and warmed up
-    (``setup.warmup`` steps each), then each of ``setup.repeats`` rounds times one step of
-    every case in turn, so drift in the machine's speed touches all of them alike.
+    """Time the cases of each group in this process, in rounds: the group's cases are built
+    and warmed up (``setup.warmup`` steps each), then each of ``setup.repeats`` rounds times
+    one step of every case in turn, so drift in the machine's speed touches all of them
+    alike. A group's networks are released before the next group is built (one group per T
+    keeps the process small); a case in several groups (the ANN twin) is kept and its times
+    are pooled.
 
-    Returns ``_row``'s dict per case that ran, and ``{"case", "reason"}`` per case that failed
-    (one failing configuration never loses the others' numbers)."""
+    Returns ``_row``'s dict per case that ran, in order of first appearance, and
+    ``{"case", "reason"}`` per case that failed (it never loses the others' numbers)."""
+    order = list(dict.fromkeys(case for group in groups for case in group))
+    last_group = {case: i for i, group in enumerate(groups) for case in group}
+
     def run() -> tuple[list[dict[str, Any]], list[Failure]]:
         ready: dict[Case, Prepared] = {}
-        failed: list[Failure] = []
-        for i, case in enumerate(cases, start=1):
-            try:
-                ready[case] = prepared = prepare(setup, case)
-                time_runs(prepared.step, 0, setup.warmup, prepared.sync)
-            except Exception as err:
-                ready.pop(case, None)
-                failed.append({"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]})
-                log(f"[{i}/{len(cases)}] {case.label}: failed: {failed[-1]['reason']}")
-                continue
-            log(f"[{i}/{len(cases)}] {case.label}: built and warmed up")
-        times: dict[Case, list[float]] = {case: [] for case in ready}
-        for r in range(1, setup.repeats + 1):
-            for case, prepared in ready.items():
-                times[case] += time_runs(prepared.step, 1, 0, prepared.sync)
-            log(f"round {r}/{setup.repeats}: " + ", ".join(f"{c.label} {times[c][-1] * 1e3:.0f} ms" for c in ready))
-        return [_row(case, ready[case].params, times[case]) for case in ready], failed
+        params: dict[Case, int] = {}
+        times: dict[Case, list[float]] = {}
+        failed: dict[Case, Failure] = {}
+        for g, group in enumerate(groups):
+            for case in group:
+                if case in ready or case in failed:
+                    continue
+                try:
+                    ready[case] = prepared = prepare(setup, case)
+                    time_runs(prepared.step, 0, setup.warmup, prepared.sync)
+                except Exception as err:
+                    ready.pop(case, None)
+                    failed[case] = {"case": case.label, "reason": f"{type(err).__name__}: {err}".splitlines()[0]}
+                    log(f"{case.label}: failed: {failed[case]['reason']}")
+                    continue
+                params[case], times[case] = prepared.params, []
+                log(f"{case.label}: built and warmed up")
+            running = [case for case in group if case in ready]
+            for r in range(1, setup.repeats + 1):
+                for case in running:
+                    times[case] += time_runs(ready[case].step, 1, 0, ready[case].sync)
+                log(f"round {r}/{setup.repeats}: " + ", ".join(f"{c.label} {times[c][-1] * 1e3:.0f} ms"
+                                                              for c in running))
+            for case in running:
+                if last_group[case] == g:
+                    del ready[case]  # its network and optimizer state go before the next group
+        return [_row(case, params[case], times[case]) for case in order if case in times], list(failed.values())
     return _with_threads(setup.threads, run)
 
 
@@ -512,6 +529,23 @@ def memory_isolated(setup: Setup, case: Case) -> dict[str, Any]:
     if setup.device == "cpu":
         live = run_isolated(short, case, LIVE_ENV)
         memory.update(live_mib=live["peak_mib"], live_base_mib=live["base_mib"])
+    return memory
+
+
+def measure_memory(setup: Setup, cases: list[Case], not_measured: list[Failure],
+                   log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    """``memory_isolated`` of every case, by label; a case whose run fails is added to
+    ``not_measured`` (its times still count). Run before this process builds any network:
+    on Linux a child process starts with its parent's peak RSS as its own."""
+    memory = {}
+    for i, case in enumerate(cases, start=1):
+        try:
+            memory[case.label] = memory_isolated(setup, case)
+        except Exception as err:
+            not_measured.append({"case": f"{case.label} (memory)", "reason": str(err).splitlines()[0]})
+            log(f"[{i}/{len(cases)}] {case.label}: memory not measured: {not_measured[-1]['reason']}")
+            continue
+        log(f"[{i}/{len(cases)}] {case.label}: peak {memory[case.label]['peak_mib']:.0f} MiB")
     return memory
 
 
@@ -581,7 +615,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"{meta['load_before']} before, {meta['load_after']} after; torch {meta['torch']}, "
              f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}.",
              f"Median and interquartile range of {meta['repeats']} steps after {meta['warmup']} warm-up "
-             f"steps, timed in interleaved rounds in one process; ANN twin and spikegrad {layout}; "
+             f"steps, timed in interleaved rounds in one process, one group per T (the ANN twin in every "
+             f"group, its times pooled); ANN twin and spikegrad {layout}; "
              f"memory: {memory if meta['isolated'] else 'not measured'}.",
              f"Command: `{meta['command']}`"]
     for shortcut in (False, True):
@@ -662,19 +697,13 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
             "python": platform.python_version(), "load_before": _load(),
             "command": _command(args, s)}
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    rows, failed = time_interleaved(setup, cases, log)
+    memory = {} if args.in_process else measure_memory(setup, cases, not_measured, log)
+    anns = [case for case in cases if case.net == "ann"]  # the reference of every T: timed with each
+    groups = [anns + [case for case in cases if case.net != "ann" and case.T == T] for T in sorted(set(s["T"]))]
+    rows, failed = time_interleaved(setup, groups, log)  # after: a child inherits its parent's peak RSS
     not_measured += failed
-    for i, row in enumerate(rows, start=1):
-        row.update(peak_mib=None, base_mib=None)
-        if args.in_process:
-            continue
-        try:
-            row.update(memory_isolated(setup, Case(row["net"], row["backend"], row["T"], row["shortcut"])))
-        except Exception as err:  # the times stand; the memory cells stay empty
-            not_measured.append({"case": f"{row['label']} (memory)", "reason": str(err).splitlines()[0]})
-            log(f"[{i}/{len(rows)}] {row['label']}: memory not measured: {not_measured[-1]['reason']}")
-            continue
-        log(f"[{i}/{len(rows)}] {row['label']}: peak {row['peak_mib']:.0f} MiB")
+    for row in rows:
+        row.update(memory.get(row["label"], {"peak_mib": None, "base_mib": None}))
     add_ratios(rows)
     result = {"meta": {**meta, "load_after": _load()}, "rows": rows, "not_measured": not_measured}
     text = markdown(result)
