@@ -198,8 +198,11 @@ def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input
     or ``"triton"``.
 
     The kernels see every tensor as ``[T, N]`` rows in ``x_seq``'s memory layout
-    (channels-last included, without a copy); the spikes come back in that layout."""
+    (channels-last included, without a copy); the spikes come back in that layout.
+    Inside ``torch.compile`` the tensors go in as they are."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
+    if torch.compiler.is_compiling():  # inductor plans its own loops; rows would add symbolic reshapes
+        return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, mode)
     order = memory_order(x_seq) or list(range(x_seq.dim()))
     spikes, v_final = _FusedLIF.apply(
         _rows(x_seq, order), None if residual is None else _rows(residual, order),
