@@ -57,8 +57,8 @@ def test_bf16_loss_close_to_fp32_and_trains(tmp_path):
 
 
 COMPILE_TWO_BATCH_SIZES = """
-from spikegrad.models import create_model
 import torch
+from spikegrad.models import create_model
 torch.manual_seed(0)
 model = create_model("plain-8", 10, T=2, in_channels=1, width=0.125).train()
 compiled = torch.compile(model, fullgraph=True)

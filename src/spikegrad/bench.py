@@ -607,7 +607,7 @@ def markdown(result: dict[str, Any]) -> str:
     memory = {"cuda": "max allocated, one configuration per subprocess",
               "cpu": "peak RSS, one configuration per subprocess (live: another subprocess with "
                      "glibc's mmap threshold fixed at 1 MiB, so freed buffers leave RSS)"}[meta["device"]]
-    layout = "channels-last" if meta.get("channels_last", True) else "contiguous"
+    layout = "channels-last" if meta["channels_last"] else "contiguous"
     lines = [f"## Training step: {meta['model']} (width {meta['width']:g}), batch {meta['batch']}, "
              f"{IMAGE}x{IMAGE} input, {CLASSES} classes",
              "",

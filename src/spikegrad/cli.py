@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
 from pathlib import Path
+from typing import NoReturn
 
 __all__ = ["main"]
 
@@ -134,7 +134,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spikegrad", description="Train deep spiking neural "
-                                     "networks with surrogate gradients and shortcut back-propagation.")
+                     "networks with surrogate gradients and shortcut back-propagation.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model (see configs/)")
     train.add_argument("--config", help="YAML config file")

@@ -82,13 +82,19 @@ class _Mark:
         self.version = spikes._version
         self.bits: Tensor | None = None
 
+    def current(self, t: Tensor) -> bool:
+        """Whether the marked spikes are alive and ``t`` (sharing their storage) is unchanged
+        since marking."""
+        return self.ref() is not None and t._version == self.version
+
     def packed(self, t: Tensor) -> "_Saved | None":
-        """``t`` bit-packed if it views the marked spikes, unchanged since marking; else None.
+        """``t`` bit-packed if it views the whole of the marked spikes (``current(t)`` holds);
+        else None.
 
         One packed copy of the spikes serves every view any layer saves (the next conv's
         ``[T*B, ...]`` and a residual ``[T, B, ...]`` alike)."""
         spikes = self.ref()
-        if (spikes is None or t._version != self.version or t.dtype != spikes.dtype
+        if (spikes is None or t.dtype != spikes.dtype
                 or t.untyped_storage().nbytes() != spikes.numel() * spikes.element_size()):
             return None
         if self.bits is None:
@@ -128,9 +134,14 @@ class SavedTensors:
     def nbytes(self) -> int:
         return sum(size for size, holders in self._held.values() if holders > 0)
 
+    def mark_of(self, t: Tensor) -> _Mark | None:
+        """The mark of the spikes whose storage ``t`` shares, if current (see ``_Mark.current``)."""
+        mark = self.marks.get(t.untyped_storage().data_ptr())
+        return mark if mark is not None and mark.current(t) else None
+
     def pack(self, t: Tensor) -> _Saved:
         """Autograd's pack hook: marked spikes -> packed bits, other tensors as they are."""
-        mark = self.marks.get(t.untyped_storage().data_ptr()) if self.compact else None
+        mark = self.mark_of(t) if self.compact else None
         packed = mark.packed(t) if mark is not None else None
         return self._hold(_Saved(t) if packed is None else packed)
 
@@ -166,10 +177,8 @@ def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     is marked too, so the layer that saves it still saves bits."""
     out = t.contiguous(memory_format=memory_format)
     active = None if torch.compiler.is_compiling() else _active()
-    if out is not t and active is not None:
-        mark = active.marks.get(t.untyped_storage().data_ptr())
-        if mark is not None and mark.ref() is not None and t._version == mark.version:
-            mark_spikes(out)
+    if out is not t and active is not None and active.mark_of(t) is not None:
+        mark_spikes(out)
     return out
 
 
