@@ -4,32 +4,32 @@ Forward runs the loop over T and saves only its input ``x: [T, ...]`` (and ``v_i
 when one is given; the default resting membrane is rebuilt), nothing of its own: when
 a BatchNorm feeds the neuron, that BatchNorm keeps the same tensor
 (``memory.BatchNorm2d`` saves its output), so one saved tensor serves both.
-Backward is split in two:
-
-0. the pre-spike membranes ``h: [T, ...]`` are recomputed from ``x`` (one cheap scan);
-1. the surrogate derivative ``g = surrogate.grad(h - v_th)`` on all of ``[T, ...]``
-   at once, in plain torch, so any surrogate (Dspike temperature, AdaLi bounds) runs
-   on every backend; MSG's mask is drawn eagerly from its own generator and passed in;
-2. one reverse-time linear scan that consumes it:
-   ``dL/dh[t] = a[t] + c[t] * dL/dh[t+1]`` with ``a = dL/ds * g`` and
-   ``c = (1 - 1/tau) * dv/dh`` (the reset's derivative, zero through detach_reset).
+Backward recomputes the pre-spike membranes ``h[t]`` from ``x`` and runs one reverse
+loop over T: ``dL/dh[t] = dL/ds[t] * g[t] + dv/dh[t] * dL/dv[t]``, where
+``g = surrogate.grad(h - v_th)`` (so any surrogate, Dspike's temperature and AdaLi's
+bounds included, runs on every backend; MSG's mask is drawn eagerly from its own
+generator and passed in), ``dv/dh`` is the reset's derivative and
+``dL/dv[t] = (1 - 1/tau) * dL/dh[t+1]``. Membranes and derivatives stay per step, never
+stacked: compiled, each half is one loop over the neurons with the T steps in
+registers, which reads the input once and writes only its outputs.
 
 Both halves are plain torch functions; backend ``"fused"`` runs them through
-``torch.compile`` (inductor fuses each into a few loops), ``"eager"`` runs them as
-they are (no compiler needed, for debugging and platforms without one).
+``torch.compile``, ``"eager"`` runs them as they are (no compiler needed, for debugging
+and platforms without one); ``"triton"`` (``kernels.triton_lif``) shares the
+derivatives (``slopes``, ``decay_gradient``) and writes the loops over T as kernels.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..memory import memory_order
 
-__all__ = ["lif", "charge", "reset", "resting", "membranes", "forward_scan", "backward_scan", "backward",
-           "Scans", "TORCH_SCANS"]
+__all__ = ["lif", "charge", "reset", "resting", "membranes", "forward_scan", "slopes", "decay_gradient",
+           "backward"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -54,9 +54,11 @@ def resting(x_seq: Tensor, v_reset: float | None) -> Tensor:
 
 
 def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-              opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
+              opts: tuple, surrogate: Any) -> tuple[list[Tensor], Tensor]:
     """The loop over the input ``x_seq (+ residual)``, both ``[T, ...]``, from ``v`` (None:
-    resting); returns ``(h_seq [T, ...], v_final [...])``."""
+    resting); returns ``(h, v_final [...])`` with ``h`` the pre-spike membranes, one
+    ``[...]`` tensor per step. They are not stacked: compiled, every use of ``h[t]`` fuses
+    into the loop and no ``[T, ...]`` membrane tensor is ever written."""
     decay_input, v_threshold, v_reset, _ = opts
     rest = 0.0 if v_reset is None else v_reset
     v = resting(x_seq, v_reset) if v is None else v
@@ -66,69 +68,66 @@ def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: T
         h = charge(v, x, decay, rest, decay_input)
         v = reset(h, surrogate.activation(h - v_threshold), v_threshold, v_reset)
         hs.append(h)
-    return torch.stack(hs), v
+    return hs, v
 
 
 def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
                  opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
     """Forward over ``x_seq (+ residual): [T, ...]``; returns ``(spikes [T, ...], v_final [...])``."""
-    h_seq, v = membranes(x_seq, residual, v, decay, opts, surrogate)
-    return surrogate.activation(h_seq - opts[1]), v
+    hs, v = membranes(x_seq, residual, v, decay, opts, surrogate)
+    return torch.stack([surrogate.activation(h - opts[1]) for h in hs]), v
 
 
-def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
-    """Solve ``g[t] = a[t] + c[t] g[t+1]`` backwards from ``g[T-1] = a[T-1] + last``; ``[T, ...]``."""
-    g = a[-1] + last
-    out = [g]
-    for a_t, c_t in zip(reversed(a[:-1].unbind(0)), reversed(c[:-1].unbind(0))):
-        g = torch.addcmul(a_t, c_t, g)
-        out.append(g)
-    out.reverse()
-    return torch.stack(out)
+def slopes(h: Tensor, mask: Tensor | None, opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
+    """Elementwise on pre-spike membranes ``h`` of any shape: ``(ds/dh, dv/dh)``, the
+    surrogate derivative (times MSG's keep-``mask`` when given) and the reset's
+    derivative (through the spike unless ``detach_reset``)."""
+    _, v_threshold, v_reset, detach_reset = opts
+    centred = h - v_threshold
+    g = surrogate.grad(centred)
+    g = g * mask if mask is not None else g
+    if v_reset is None:
+        return g, torch.ones_like(g) if detach_reset else 1 - v_threshold * g
+    s = surrogate.activation(centred)
+    return g, 1 - s if detach_reset else (1 - s) + (v_reset - h) * g
 
 
-class Scans(NamedTuple):
-    """The two loops over T that ``backward`` runs: ``membranes`` and ``backward_scan``."""
-
-    membranes: Callable
-    backward_scan: Callable
-
-
-TORCH_SCANS = Scans(membranes, backward_scan)
+def decay_gradient(grad_h: Sequence[Tensor], hs: Sequence[Tensor], x_seq: Tensor,
+                   residual: Tensor | None, v_init: Tensor | None, opts: tuple,
+                   surrogate: Any) -> Tensor:
+    """``dL/d(1/tau)`` (a scalar) from ``dL/dh`` and the membranes ``h``, each a ``[T, ...]``
+    tensor or a sequence of ``T`` steps: the sum of ``dL/dh[t] * dh[t]/d(1/tau)``."""
+    decay_input, v_threshold, v_reset, _ = opts
+    rest = 0.0 if v_reset is None else v_reset
+    v_prev = resting(x_seq, v_reset) if v_init is None else v_init
+    total = x_seq.new_zeros(())
+    for t, (grad, h) in enumerate(zip(grad_h, hs)):
+        x = x_seq[t] if residual is None else x_seq[t] + residual[t]
+        total = total + (grad * (x - (v_prev - rest) if decay_input else rest - v_prev)).sum()
+        v_prev = reset(h, surrogate.activation(h - v_threshold), v_threshold, v_reset)
+    return total
 
 
 def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
              grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
-             mask: Tensor | None, want_decay: bool,
-             scans: Scans = TORCH_SCANS) -> tuple[Tensor, Tensor, Tensor | None]:
+             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Gradients ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)`` (``dL/dx`` is
     also the residual's); ``v_init`` None is the resting membrane.
 
-    ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative;
-    ``scans`` are torch's loops or the Triton kernels (``kernels.triton_lif.SCANS``).
-    """
-    decay_input, v_threshold, v_reset, detach_reset = opts
-    h_seq, _ = scans.membranes(x_seq, residual, v_init, decay, opts, surrogate)
-    centred = h_seq - v_threshold
-    g = surrogate.grad(centred)
-    g = g * mask if mask is not None else g
-    s = surrogate.activation(centred)
-    if v_reset is None:
-        dv_dh = torch.ones_like(g) if detach_reset else 1 - v_threshold * g
-    else:
-        dv_dh = 1 - s if detach_reset else (1 - s) + (v_reset - h_seq) * g
+    ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative.
+    One reverse loop: ``dL/dh[t] = dL/ds[t] ds/dh[t] + dv/dh[t] dL/dv[t]`` with
+    ``dL/dv[t] = (1 - 1/tau) dL/dh[t+1]`` (``grad_v`` after the last step)."""
+    hs, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
     keep = 1.0 - decay
-    grad_h = scans.backward_scan(grad_spikes * g, keep * dv_dh, dv_dh[-1] * grad_v)
-    grad_x = grad_h * decay if decay_input else grad_h
-    grad_decay = None
-    if want_decay:
-        rest = 0.0 if v_reset is None else v_reset
-        v_first = resting(x_seq, v_reset) if v_init is None else v_init
-        v_prev = torch.cat([v_first.unsqueeze(0), reset(h_seq, s, v_threshold, v_reset)[:-1]])
-        x_all = x_seq if residual is None else x_seq + residual
-        dh_dd = x_all - (v_prev - rest) if decay_input else rest - v_prev
-        grad_decay = (grad_h * dh_dd).sum()
-    return grad_x, grad_h[0] * keep, grad_decay
+    grad_h, grad_v_t = [], grad_v
+    for t in reversed(range(len(hs))):
+        g, dv_dh = slopes(hs[t], None if mask is None else mask[t], opts, surrogate)
+        grad_h.append(grad_spikes[t] * g + dv_dh * grad_v_t)
+        grad_v_t = keep * grad_h[-1]
+    grad_h.reverse()
+    grad_decay = decay_gradient(grad_h, hs, x_seq, residual, v_init, opts, surrogate) if want_decay else None
+    grad_x = torch.stack(grad_h)
+    return grad_x * decay if opts[0] else grad_x, grad_v_t, grad_decay
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,7 +143,7 @@ def _functions(mode: str) -> tuple[Callable, Callable]:
         return _compiled(forward_scan), _compiled(backward)
     if mode == "triton":
         from . import triton_lif  # imports triton: only when this backend runs
-        return triton_lif.forward_scan, functools.partial(backward, scans=triton_lif.SCANS)
+        return triton_lif.forward_scan, triton_lif.backward
     return forward_scan, backward
 
 

@@ -7,10 +7,12 @@ program per block of neurons with the membrane in registers:
 - ``forward_scan``: spikes and the final membrane from ``x (+ residual)``;
 - ``membranes``: the same kernel writing the pre-spike membranes ``h`` (backward
   recomputes them, as ``fused`` does);
-- ``backward_scan``: ``g[t] = a[t] + c[t] g[t+1]`` in reverse time.
+- ``backward_scan``: ``g[t] = a[t] + c[t] g[t+1]`` in reverse time;
+- ``backward``: ``fused.backward``'s gradients from those two scans.
 
-The surrogate derivative between the two backward scans stays in torch, so every
-surrogate (Dspike's temperature, AdaLi's bounds, MSG's mask) works unchanged. Inputs
+The surrogate derivative between the two backward scans stays in torch
+(``fused.slopes`` on the whole ``[T, ...]``), so every surrogate (Dspike's temperature,
+AdaLi's bounds, MSG's mask) works unchanged. Inputs
 are computed in float32 (float16/bfloat16 are loaded and stored in their own dtype).
 This module imports triton; ``spikegrad`` imports it only when the backend is used.
 Tested on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -24,9 +26,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import Scans
+from .fused import decay_gradient, slopes
 
-__all__ = ["forward_scan", "membranes", "backward_scan", "SCANS", "DTYPES"]
+__all__ = ["forward_scan", "membranes", "backward_scan", "backward", "DTYPES"]
 
 BLOCK = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -112,12 +114,12 @@ def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay
 
 def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
               opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
-    """As ``fused.membranes``: ``(h_seq [T, ...], v_final [...])``."""
+    """As ``fused.membranes``, the membranes as one tensor: ``(h_seq [T, ...], v_final [...])``."""
     return _run(x_seq, residual, v, decay, opts, write_h=True)
 
 
 def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
-    """As ``fused.backward_scan``: ``g[t] = a[t] + c[t] g[t+1]``, ``g[T-1] = a[T-1] + last``."""
+    """``g[t] = a[t] + c[t] g[t+1]``, ``g[T-1] = a[T-1] + last``."""
     a, c = a.contiguous(), c.contiguous()
     T, N = a.shape[0], a[0].numel()
     g = torch.empty_like(a)
@@ -125,4 +127,15 @@ def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
     return g
 
 
-SCANS = Scans(membranes, backward_scan)
+def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
+             grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
+             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """As ``fused.backward``: ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)``,
+    the derivatives on all of ``[T, ...]`` at once between the two scans."""
+    h_seq, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
+    g, dv_dh = slopes(h_seq, mask, opts, surrogate)
+    keep = 1.0 - decay
+    grad_h = backward_scan(grad_spikes * g, keep * dv_dh, dv_dh[-1] * grad_v)
+    grad_decay = (decay_gradient(grad_h, h_seq, x_seq, residual, v_init, opts, surrogate)
+                  if want_decay else None)
+    return grad_h * decay if opts[0] else grad_h, grad_h[0] * keep, grad_decay
