@@ -21,7 +21,8 @@ from .surrogate import Surrogate
 __all__ = [
     "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
     "NEURON_DEFAULTS", "NEURON_TYPES", "neuron_config", "make_neuron", "ClampReLU",
-    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "conv_bn", "AvgPool2x2", "spiking_conv_stack", "Head",
+    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "ConvBN", "conv_bn", "AvgPool2x2",
+    "SpikingConvStack", "spiking_conv_stack", "Head",
 ]
 
 
@@ -197,16 +198,31 @@ class Conv2d(nn.Conv2d):
         return super().forward(x)
 
 
+class ConvBN(SeqToANN):
+    """``conv_bn``'s module: ``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H', W']``, a conv (child
+    ``conv``) then, unless built with ``norm="none"``, a batch norm (child ``bn``)."""
+
+    def fire(self, neuron: nn.Module, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``neuron(self(x), residual=residual)``, with the batch norm handed to a spiking
+        neuron (``norm=``), which folds it into its loop on the fused backends in training
+        (the normalised tensor is never written). ``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H', W']``."""
+        kwargs = {} if residual is None else {"residual": residual}
+        if "bn" not in self._modules or not isinstance(neuron, BaseNeuron):
+            return neuron(self(x), **kwargs)
+        return neuron(unflatten_time(self.conv(flatten_time(x)), x.shape[0]), norm=self.bn, **kwargs)
+
+
 def conv_bn(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-            norm: str = "bn") -> SeqToANN:
+            norm: str = "bn") -> ConvBN:
     """``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H/stride, W/stride]``: a same-padded conv, then BN.
 
     Children ``conv`` and ``bn`` (``memory.BatchNorm2d``: saves its output, which the
-    neuron after it saves too); with ``norm="none"`` only ``conv``, which then has a bias.
+    neuron after it saves too; ``ConvBN.fire`` lets the neuron fold it); with
+    ``norm="none"`` only ``conv``, which then has a bias.
     """
     conv = Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=norm == "none")
     parts = [("conv", conv)] + ([("bn", BatchNorm2d(out_channels))] if norm == "bn" else [])
-    return SeqToANN(OrderedDict(parts))
+    return ConvBN(OrderedDict(parts))
 
 
 class AvgPool2x2(nn.Module):
@@ -217,9 +233,21 @@ class AvgPool2x2(nn.Module):
         return x if min(x.shape[-2:]) < 2 else F.avg_pool2d(x, 2)
 
 
+class SpikingConvStack(nn.Sequential):
+    """``spiking_conv_stack``'s module: its children in order, each ``ConvBN`` firing the
+    neuron that follows it (``ConvBN.fire``). ``[T, B, C_in, H, W]`` -> ``[T, B, C_out, H', W']``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x: [T, B, C_in, H, W]`` -> spikes ``[T, B, C_out, H', W']``."""
+        children = iter(self)
+        for module in children:
+            x = module.fire(next(children), x) if isinstance(module, ConvBN) else module(x)
+        return x
+
+
 def spiking_conv_stack(in_channels: int, widths: Sequence[int], neuron: Callable[[], nn.Module], *,
                        norm: str = "bn", stride: int = 1, kernel_size: int = 3,
-                       pool: bool = False) -> nn.Sequential:
+                       pool: bool = False) -> SpikingConvStack:
     """``[pool ->] (conv -> BN -> neuron) x len(widths)``, the first conv with ``stride``.
 
     ``[T, B, C_in, H, W]`` -> spikes ``[T, B, widths[-1], H', W']``. Children: ``pool``
@@ -231,7 +259,7 @@ def spiking_conv_stack(in_channels: int, widths: Sequence[int], neuron: Callable
         parts.append((f"conv{i}", conv_bn(in_channels, width, kernel_size, stride if i == 1 else 1, norm)))
         parts.append((f"sn{i}", neuron()))
         in_channels = width
-    return nn.Sequential(OrderedDict(parts))
+    return SpikingConvStack(OrderedDict(parts))
 
 
 class Head(nn.Module):

@@ -13,7 +13,9 @@ membrane. Here it keeps one float tensor and one bit per element:
    ``nn.BatchNorm2d``, same ``state_dict``) keeps ``y = BN(x)`` instead of ``x`` and
    recovers ``x_hat = (y - beta) / gamma`` in backward (the in-place-ABN identity). The
    fused neuron after it saves its input, which is that same ``y``, and recomputes its
-   membrane (``kernels.fused``): one tensor serves both.
+   membrane (``kernels.fused``): one tensor serves both. In training the fused neurons
+   go further and fold the batch norm into their loop (``BatchNorm2d.folds``,
+   ``layers.ConvBN.fire``): ``y`` is never written, and the conv output is kept instead.
 
 Both are exact up to float rounding (the spikes bit for bit). Where the identity is
 ill-conditioned (``|gamma| < GAMMA_MIN`` in some channel), under autocast, for a
@@ -239,22 +241,45 @@ def batch_norm_saving_output(x: Tensor, weight: Tensor, bias: Tensor, running_me
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` on ``[N, C, H, W]`` that, in training, saves its output instead of
-    its input (see the module docstring); otherwise, and in every other respect, PyTorch's."""
+    its input (see the module docstring); otherwise, and in every other respect, PyTorch's.
+
+    A fused neuron may also fold it into its own loop (``neuron(x, norm=bn)``, when
+    ``folds(x)``): it computes the batch statistics, hands them to ``record`` and never
+    writes the normalised tensor."""
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, C, H, W]`` -> ``[N, C, H, W]``."""
         if not self._saves_output(x):
             return super().forward(x)
         self._check_input_dim(x)
-        self.num_batches_tracked.add_(1)
-        momentum = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                    else self.momentum)
         return batch_norm_saving_output(x, self.weight, self.bias, self.running_mean,
-                                        self.running_var, momentum, self.eps)
+                                        self.running_var, self._next_momentum(), self.eps)
+
+    def folds(self, x: Tensor) -> bool:
+        """Whether a fused neuron may fold this batch norm of ``x: [T, B, C, H, W]`` into its
+        loop: training with batch statistics, affine, float32/64, no autocast, not compiled."""
+        return self._batch_mode(x) and x.dim() == 5 and x.numel() // x.shape[2] > 1
+
+    def record(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Account a batch normalised outside ``forward``: per-channel ``mean`` and biased
+        ``var`` (``[C]``) over ``count`` values per channel update the running statistics
+        (with the unbiased variance) and the batch count, as ``forward`` would."""
+        momentum = self._next_momentum()
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, momentum)
+            self.running_var.lerp_(var * (count / (count - 1)), momentum)
+
+    def _next_momentum(self) -> float:
+        """Counts a batch and returns the running statistics' momentum for it."""
+        self.num_batches_tracked.add_(1)
+        return 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
 
     def _saves_output(self, x: Tensor) -> bool:
+        return (self._batch_mode(x) and torch.is_grad_enabled()
+                and bool(self.weight.detach().abs().min() >= GAMMA_MIN))
+
+    def _batch_mode(self, x: Tensor) -> bool:
         return (self.training and self.affine and self.track_running_stats
                 and not torch.compiler.is_compiling()
-                and torch.is_grad_enabled() and x.dtype in (torch.float32, torch.float64)
-                and not torch.is_autocast_enabled(x.device.type)
-                and bool(self.weight.detach().abs().min() >= GAMMA_MIN))
+                and x.dtype in (torch.float32, torch.float64)
+                and not torch.is_autocast_enabled(x.device.type))

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from . import surrogate as sg
 from .memory import mark_spikes
@@ -107,22 +108,32 @@ def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2
                 surrogate or sg.ATan(), backend, return_state)
 
 
+def _normalised(norm: nn.Module, x_seq: Tensor) -> Tensor:
+    """``norm`` (a ``[N, C, ...]`` module) applied to ``x_seq: [T, B, C, ...]`` over ``T*B``."""
+    return norm(x_seq.flatten(0, 1)).unflatten(0, x_seq.shape[:2])
+
+
 def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
          v_threshold: float, v_reset: float | None, detach_reset: bool,
-         surrogate: sg.Surrogate, backend: str, return_state: bool, residual: Tensor | None = None):
+         surrogate: sg.Surrogate, backend: str, return_state: bool, residual: Tensor | None = None,
+         norm: nn.Module | None = None):
     decay_input = decay_input and not (isinstance(decay, float) and decay == 0.0)  # IF: no leak
     if v_init is not None and v_init.shape != x_seq.shape[1:]:
         raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
                          f"got {tuple(v_init.shape)}")
     backend = default_backend(x_seq.device) if backend == "auto" else backend
-    if backend == "torch":
+    mode = None if backend == "torch" else _kernel_mode(backend, x_seq, surrogate)
+    folds = mode in ("eager", "fused") and callable(getattr(norm, "folds", None)) and norm.folds(x_seq)
+    if norm is not None and not folds:
+        x_seq, norm = _normalised(norm, x_seq), None
+    if mode is None:
         v_init = fused.resting(x_seq, v_reset) if v_init is None else v_init
         x_seq = x_seq if residual is None else x_seq + residual
         spikes, v = _reference(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
                                detach_reset, surrogate)
     else:
         spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
-                              detach_reset, surrogate, _kernel_mode(backend, x_seq, surrogate), residual)
+                              detach_reset, surrogate, mode, residual, norm)
     if surrogate.spiking:
         mark_spikes(spikes)
     return (spikes, v) if return_state else spikes
@@ -151,26 +162,38 @@ class BaseNeuron(nn.Module):
         raise NotImplementedError
 
     def forward(self, x_seq: Tensor, v_init: Tensor | None = None, return_state: bool = False,
-                residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                residual: Tensor | None = None, norm: nn.Module | None = None
+                ) -> Tensor | tuple[Tensor, Tensor]:
         """``x_seq: [T, B, ...]`` -> spikes ``[T, B, ...]`` (and ``v_final: [B, ...]``).
 
         ``residual`` (same shape) is added to the input: ``sn(x, residual=r)`` equals
         ``sn(x + r)``, but the fused backends never store the sum (a ResNet block's
         ``x`` and ``r`` are kept for backward by the layers that made them anyway).
+        ``norm`` (a batch norm over ``[T*B, C, ...]``) is applied first, before the
+        residual: ``sn(x, norm=bn)`` equals ``sn(bn(x))``; the ``eager`` and ``fused``
+        backends fold a training-mode ``memory.BatchNorm2d`` into their loop
+        (``BatchNorm2d.folds``), so the normalised input is never written (the batch
+        norm's own ``forward`` and its hooks are then not run).
         """
         _check(x_seq, None, self.v_threshold, self.backend)
         if residual is not None and residual.shape != x_seq.shape:
             raise ValueError(f"residual must have the input's shape {tuple(x_seq.shape)}, "
                              f"got {tuple(residual.shape)}")
         return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold, self.v_reset,
-                    self.detach_reset, self.surrogate, self.backend, return_state, residual)
+                    self.detach_reset, self.surrogate, self.backend, return_state, residual, norm)
 
     @staticmethod
     def input_of(args: tuple, kwargs: dict) -> Tensor:
-        """The whole input ``[T, B, ...]`` of a call ``forward(*args, **kwargs)`` (residual
-        included), for hooks registered with ``with_kwargs=True``."""
+        """The whole input ``[T, B, ...]`` of a call ``forward(*args, **kwargs)`` (norm and
+        residual included), for hooks registered with ``with_kwargs=True``."""
         residual = kwargs.get("residual", args[3] if len(args) > 3 else None)
-        return args[0] if residual is None else args[0] + residual
+        norm = kwargs.get("norm", args[4] if len(args) > 4 else None)
+        x_seq = args[0]
+        if norm is not None:  # as the call normalised it, without counting the batch again
+            stats = (None, None) if norm.training else (norm.running_mean, norm.running_var)
+            x_seq = F.batch_norm(x_seq.flatten(0, 1), *stats, norm.weight, norm.bias, norm.training,
+                                 0.0, norm.eps).unflatten(0, x_seq.shape[:2])
+        return x_seq if residual is None else x_seq + residual
 
     def extra_repr(self) -> str:
         return (f"v_threshold={self.v_threshold}, v_reset={self.v_reset}, "

@@ -1,9 +1,12 @@
 """The fused multi-step LIF: one autograd node per layer instead of ~10 per time step.
 
 Forward runs the loop over T and saves only its input ``x: [T, ...]`` (and ``v_init``
-when one is given; the default resting membrane is rebuilt), nothing of its own: when
-a BatchNorm feeds the neuron, that BatchNorm keeps the same tensor
-(``memory.BatchNorm2d`` saves its output), so one saved tensor serves both.
+when one is given; the default resting membrane is rebuilt), nothing of its own. A
+batch norm before the neuron is either a ``memory.BatchNorm2d`` that saves its output
+(the tensor the neuron saves: one serves both) or, in training, folded into the loop
+(``lif(..., norm=bn)``): the neuron takes the batch statistics, normalises each step on
+the fly and keeps the un-normalised input, so the normalised tensor is never written;
+its backward is PyTorch's batch-norm formula with ``x_hat`` rebuilt on the fly.
 Backward recomputes the pre-spike membranes ``h[t]`` from ``x`` and runs one reverse
 loop over T: ``dL/dh[t] = dL/ds[t] * g[t] + dv/dh[t] * dL/dv[t]``, where
 ``g = surrogate.grad(h - v_th)`` (so any surrogate, Dspike's temperature and AdaLi's
@@ -21,15 +24,17 @@ derivatives (``slopes``, ``decay_gradient``) and writes the loops over T as kern
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+import math
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
 from ..memory import memory_order
 
-__all__ = ["lif", "charge", "reset", "resting", "membranes", "forward_scan", "slopes", "decay_gradient",
-           "backward"]
+__all__ = ["lif", "charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
+           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan", "norm_backward",
+           "Kernels", "kernels"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -53,18 +58,28 @@ def resting(x_seq: Tensor, v_reset: float | None) -> Tensor:
     return torch.full_like(x_seq[0], 0.0 if v_reset is None else v_reset)
 
 
+def steps(x_seq: Tensor, residual: Tensor | None, affine: tuple[Tensor, Tensor] | None) -> list[Tensor]:
+    """The neuron's input at each step, ``x_seq[t] (* scale + shift) (+ residual[t])``: one
+    ``[...]`` tensor per step of ``x_seq: [T, ...]``. ``affine`` (a folded batch norm,
+    ``(scale, shift)`` broadcasting over a step) is applied before the residual is added."""
+    xs = x_seq.unbind(0)
+    if affine is not None:
+        xs = [torch.addcmul(affine[1], x, affine[0]) for x in xs]
+    return list(xs) if residual is None else [x + r for x, r in zip(xs, residual.unbind(0))]
+
+
 def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-              opts: tuple, surrogate: Any) -> tuple[list[Tensor], Tensor]:
-    """The loop over the input ``x_seq (+ residual)``, both ``[T, ...]``, from ``v`` (None:
-    resting); returns ``(h, v_final [...])`` with ``h`` the pre-spike membranes, one
-    ``[...]`` tensor per step. They are not stacked: compiled, every use of ``h[t]`` fuses
-    into the loop and no ``[T, ...]`` membrane tensor is ever written."""
+              opts: tuple, surrogate: Any, affine: tuple[Tensor, Tensor] | None = None
+              ) -> tuple[list[Tensor], Tensor]:
+    """The loop over the inputs ``steps(x_seq, residual, affine)`` from ``v`` (None: resting);
+    returns ``(h, v_final [...])`` with ``h`` the pre-spike membranes, one ``[...]`` tensor
+    per step. They are not stacked: compiled, every use of ``h[t]`` fuses into the loop and
+    no ``[T, ...]`` membrane tensor is ever written."""
     decay_input, v_threshold, v_reset, _ = opts
     rest = 0.0 if v_reset is None else v_reset
     v = resting(x_seq, v_reset) if v is None else v
     hs = []
-    for t, x in enumerate(x_seq.unbind(0)):
-        x = x if residual is None else x + residual[t]
+    for x in steps(x_seq, residual, affine):
         h = charge(v, x, decay, rest, decay_input)
         v = reset(h, surrogate.activation(h - v_threshold), v_threshold, v_reset)
         hs.append(h)
@@ -72,9 +87,10 @@ def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: T
 
 
 def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-                 opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
-    """Forward over ``x_seq (+ residual): [T, ...]``; returns ``(spikes [T, ...], v_final [...])``."""
-    hs, v = membranes(x_seq, residual, v, decay, opts, surrogate)
+                 opts: tuple, surrogate: Any, affine: tuple[Tensor, Tensor] | None = None
+                 ) -> tuple[Tensor, Tensor]:
+    """Forward over ``x_seq: [T, ...]`` (see ``steps``); returns ``(spikes [T, ...], v_final [...])``."""
+    hs, v = membranes(x_seq, residual, v, decay, opts, surrogate, affine)
     return torch.stack([surrogate.activation(h - opts[1]) for h in hs]), v
 
 
@@ -94,18 +110,35 @@ def slopes(h: Tensor, mask: Tensor | None, opts: tuple, surrogate: Any) -> tuple
 
 def decay_gradient(grad_h: Sequence[Tensor], hs: Sequence[Tensor], x_seq: Tensor,
                    residual: Tensor | None, v_init: Tensor | None, opts: tuple,
-                   surrogate: Any) -> Tensor:
+                   surrogate: Any, affine: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """``dL/d(1/tau)`` (a scalar) from ``dL/dh`` and the membranes ``h``, each a ``[T, ...]``
     tensor or a sequence of ``T`` steps: the sum of ``dL/dh[t] * dh[t]/d(1/tau)``."""
     decay_input, v_threshold, v_reset, _ = opts
     rest = 0.0 if v_reset is None else v_reset
     v_prev = resting(x_seq, v_reset) if v_init is None else v_init
     total = x_seq.new_zeros(())
-    for t, (grad, h) in enumerate(zip(grad_h, hs)):
-        x = x_seq[t] if residual is None else x_seq[t] + residual[t]
+    for grad, h, x in zip(grad_h, hs, steps(x_seq, residual, affine)):
         total = total + (grad * (x - (v_prev - rest) if decay_input else rest - v_prev)).sum()
         v_prev = reset(h, surrogate.activation(h - v_threshold), v_threshold, v_reset)
     return total
+
+
+def _input_gradients(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
+                     grad_spikes: Tensor, grad_v: Tensor, decay: Tensor | float, opts: tuple,
+                     surrogate: Any, mask: Tensor | None, want_decay: bool,
+                     affine: tuple[Tensor, Tensor] | None) -> tuple[list[Tensor], Tensor, Tensor | None]:
+    """``backward``'s gradients with ``dL/d(input)`` one ``[...]`` tensor per step."""
+    hs, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate, affine)
+    keep = 1.0 - decay
+    grad_h, grad_v_t = [], grad_v
+    for t in reversed(range(len(hs))):
+        g, dv_dh = slopes(hs[t], None if mask is None else mask[t], opts, surrogate)
+        grad_h.append(grad_spikes[t] * g + dv_dh * grad_v_t)
+        grad_v_t = keep * grad_h[-1]
+    grad_h.reverse()
+    grad_decay = (decay_gradient(grad_h, hs, x_seq, residual, v_init, opts, surrogate, affine)
+                  if want_decay else None)
+    return [g * decay for g in grad_h] if opts[0] else grad_h, grad_v_t, grad_decay
 
 
 def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
@@ -117,17 +150,64 @@ def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad
     ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative.
     One reverse loop: ``dL/dh[t] = dL/ds[t] ds/dh[t] + dv/dh[t] dL/dv[t]`` with
     ``dL/dv[t] = (1 - 1/tau) dL/dh[t+1]`` (``grad_v`` after the last step)."""
-    hs, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
-    keep = 1.0 - decay
-    grad_h, grad_v_t = [], grad_v
-    for t in reversed(range(len(hs))):
-        g, dv_dh = slopes(hs[t], None if mask is None else mask[t], opts, surrogate)
-        grad_h.append(grad_spikes[t] * g + dv_dh * grad_v_t)
-        grad_v_t = keep * grad_h[-1]
-    grad_h.reverse()
-    grad_decay = decay_gradient(grad_h, hs, x_seq, residual, v_init, opts, surrogate) if want_decay else None
-    grad_x = torch.stack(grad_h)
-    return grad_x * decay if opts[0] else grad_x, grad_v_t, grad_decay
+    grad_x, grad_v0, grad_decay = _input_gradients(x_seq, residual, v_init, grad_spikes, grad_v, decay,
+                                                   opts, surrogate, mask, want_decay, None)
+    return torch.stack(grad_x), grad_v0, grad_decay
+
+
+# --- batch norm folded into the neuron: x_seq is [T, P, C, Q], per-channel vectors [C] ----------
+
+def batch_stats(x_seq: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(mean, biased var, 1/sqrt(var + eps))``, each ``[C]``, of ``x_seq: [T, P, C, Q]``."""
+    var, mean = torch.var_mean(x_seq, dim=(0, 1, 3), correction=0)
+    return mean, var, torch.rsqrt(var + eps)
+
+
+def folded(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch norm as ``(scale, shift)``, each ``[C, 1]``: ``BN(x) = x * scale + shift`` per channel."""
+    scale = (weight * rstd)[:, None]
+    return scale, bias[:, None] - mean[:, None] * scale
+
+
+def norm_forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
+                      opts: tuple, surrogate: Any, norm: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """``forward_scan`` of the batch-normed ``x_seq: [T, P, C, Q]``; ``norm`` is
+    ``(weight, bias, mean, rstd)``, each ``[C]``. The normalised input is never written."""
+    return forward_scan(x_seq, residual, v, decay, opts, surrogate, folded(*norm))
+
+
+def norm_backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
+                  grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
+                  mask: Tensor | None, want_decay: bool, norm: tuple[Tensor, ...]) -> tuple:
+    """``backward`` through batch norm (batch statistics) and the neuron, ``x_seq: [T, P, C, Q]``:
+    ``(dL/dx [T, P, C, Q], dL/dresidual or None, dL/dv_init, dL/d(1/tau) or None,
+    dL/dweight [C], dL/dbias [C])``. PyTorch's BN backward, with ``x_hat`` rebuilt from
+    ``x_seq`` on the fly: ``dL/dx = scale (g - mean(g) - x_hat mean(g x_hat))``."""
+    weight, bias, mean, rstd = norm
+    scale, _ = affine = folded(weight, bias, mean, rstd)
+    grad_y, grad_v0, grad_decay = _input_gradients(x_seq, residual, v_init, grad_spikes, grad_v, decay,
+                                                   opts, surrogate, mask, want_decay, affine)
+    centred = [x - mean[:, None] for x in x_seq.unbind(0)]
+    grad_bias = grad_weight = torch.zeros_like(weight)
+    for g, c in zip(grad_y, centred):
+        grad_bias = grad_bias + g.sum((0, 2))
+        grad_weight = grad_weight + (g * c).sum((0, 2))
+    grad_weight = grad_weight * rstd
+    count = x_seq.numel() // x_seq.shape[2]
+    mean_grad, slope = (grad_bias / count)[:, None], (grad_weight * rstd / count)[:, None]
+    grad_x = torch.stack([scale * (g - mean_grad - c * slope) for g, c in zip(grad_y, centred)])
+    grad_residual = torch.stack(grad_y) if residual is not None else None
+    return grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias
+
+
+class Kernels(NamedTuple):
+    """A backend's functions (see their docstrings); ``None`` where the backend has none."""
+
+    forward_scan: Callable
+    backward: Callable
+    batch_stats: Callable | None
+    norm_forward_scan: Callable | None
+    norm_backward: Callable | None
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,48 +217,64 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
-def _functions(mode: str) -> tuple[Callable, Callable]:
-    """``(forward_scan, backward)`` of a backend: ``eager``, ``fused`` (compiled) or ``triton``."""
-    if mode == "fused":
-        return _compiled(forward_scan), _compiled(backward)
+def kernels(mode: str) -> Kernels:
+    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded norm)."""
     if mode == "triton":
         from . import triton_lif  # imports triton: only when this backend runs
-        return triton_lif.forward_scan, triton_lif.backward
-    return forward_scan, backward
+        return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None)
+    eager = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_backward)
+    return Kernels(*map(_compiled, eager)) if mode == "fused" else eager
 
 
 class _FusedLIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
-                decay: Tensor | float, opts: tuple, surrogate: Any, mode: str) -> tuple[Tensor, Tensor]:
-        scan, _ = _functions(mode)
-        spikes, v_final = scan(x_seq, residual, v_init, decay, opts, surrogate)
-        ctx.opts, ctx.surrogate, ctx.mode = opts, surrogate, mode
+                decay: Tensor | float, weight: Tensor | None, bias: Tensor | None,
+                stats: tuple[Tensor, Tensor] | None, opts: tuple, surrogate: Any,
+                mode: str) -> tuple[Tensor, Tensor]:
+        fns = kernels(mode)
+        if stats is None:
+            spikes, v_final = fns.forward_scan(x_seq, residual, v_init, decay, opts, surrogate)
+        else:
+            spikes, v_final = fns.norm_forward_scan(x_seq, residual, v_init, decay, opts, surrogate,
+                                                    (weight, bias, *stats))
+        ctx.opts, ctx.surrogate, ctx.mode, ctx.norm = opts, surrogate, mode, stats is not None
         ctx.decay_is_tensor = isinstance(decay, Tensor)
         ctx.decay = None if ctx.decay_is_tensor else decay
-        ctx.save_for_backward(x_seq, residual, v_init, decay if ctx.decay_is_tensor else None)
+        ctx.save_for_backward(x_seq, residual, v_init, decay if ctx.decay_is_tensor else None,
+                              weight, bias, *(stats or (None, None)))
         return spikes, v_final
 
     @staticmethod
     def backward(ctx: Any, grad_spikes: Tensor | None, grad_v: Tensor | None):
-        x_seq, residual, v_init, decay_t = ctx.saved_tensors
+        x_seq, residual, v_init, decay_t, *norm = ctx.saved_tensors
         decay = decay_t if ctx.decay_is_tensor else ctx.decay
         surrogate, mask = ctx.surrogate.split_mask(x_seq)  # MSG's mask is drawn here, eagerly
         grad_spikes = torch.zeros_like(x_seq) if grad_spikes is None else grad_spikes
         grad_v = torch.zeros_like(x_seq[0]) if grad_v is None else grad_v
         want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[3]
-        _, fn = _functions(ctx.mode)
-        grad_x, grad_v0, grad_decay = fn(x_seq, residual, v_init, grad_spikes, grad_v, decay,
-                                         ctx.opts, surrogate, mask, want_decay)
+        args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, ctx.opts, surrogate, mask, want_decay)
+        if ctx.norm:
+            grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias = kernels(ctx.mode).norm_backward(
+                *args, tuple(norm))
+        else:
+            grad_x, grad_v0, grad_decay = kernels(ctx.mode).backward(*args)
+            grad_residual, grad_weight, grad_bias = grad_x if residual is not None else None, None, None
         if grad_decay is not None:
             grad_decay = grad_decay.to(decay_t.dtype)
-        return (grad_x, grad_x if residual is not None else None,
-                grad_v0 if v_init is not None else None, grad_decay, None, None, None)
+        return (grad_x, grad_residual, grad_v0 if v_init is not None else None, grad_decay,
+                grad_weight, grad_bias, None, None, None, None)
 
 
-def _rows(t: Tensor, order: list[int]) -> Tensor:
-    """``t: [T, ...]`` as ``[T, N]`` rows in ``order``'s memory layout (a view when it has it)."""
-    return t.permute(order).reshape(t.shape[0], -1)
+def _rows(t: Tensor, order: list[int], channels: bool) -> Tensor:
+    """``t: [T, ...]`` as ``[T, N]`` rows in ``order``'s memory layout (a view when it has it);
+    with ``channels``, ``t: [T, B, C, ...]`` as ``[T, P, C, Q]`` (P, Q: the dims before and
+    after the channel's in memory)."""
+    lined = t.permute(order)
+    if not channels:
+        return lined.reshape(t.shape[0], -1)
+    at = order.index(2)
+    return lined.reshape(t.shape[0], math.prod(lined.shape[1:at]), t.shape[2], -1)
 
 
 def _unrows(rows: Tensor, like: Tensor, order: list[int]) -> Tensor:
@@ -189,21 +285,36 @@ def _unrows(rows: Tensor, like: Tensor, order: list[int]) -> Tensor:
 
 def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
         v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
-        mode: str = "fused", residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        mode: str = "fused", residual: Tensor | None = None, norm: Any = None) -> tuple[Tensor, Tensor]:
     """Fused LIF over the input ``x_seq (+ residual)``, ``[T, B, ...]``, from ``v_init: [B, ...]``
     (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])``. The residual is
     added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
     which the layers before it keep anyway. ``mode``: ``"fused"`` (compiled), ``"eager"``
     or ``"triton"``.
 
-    The kernels see every tensor as ``[T, N]`` rows in ``x_seq``'s memory layout
-    (channels-last included, without a copy); the spikes come back in that layout.
-    Inside ``torch.compile`` the tensors go in as they are."""
+    ``norm`` (``eager``/``fused``, not inside ``torch.compile``): a training-mode batch
+    norm over ``x_seq: [T, B, C, ...]``'s channels, folded into the loop (the normalised
+    input is never written, and backward keeps ``x_seq`` instead). It is any object with
+    ``weight``, ``bias`` (``[C]``), ``eps`` and ``record(mean, var, count)``, which is
+    handed the batch statistics (``memory.BatchNorm2d``).
+
+    The kernels see every tensor as ``[T, N]`` rows (``[T, P, C, Q]`` with ``norm``) in
+    ``x_seq``'s memory layout (channels-last included, without a copy); the spikes come
+    back in that layout. Inside ``torch.compile`` the tensors go in as they are."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
     if torch.compiler.is_compiling():  # inductor plans its own loops; rows would add symbolic reshapes
-        return _FusedLIF.apply(x_seq, residual, v_init, decay, opts, surrogate, mode)
+        return _FusedLIF.apply(x_seq, residual, v_init, decay, None, None, None, opts, surrogate, mode)
     order = memory_order(x_seq) or list(range(x_seq.dim()))
+    channels = norm is not None
+    rows = _rows(x_seq, order, channels)
+    weight = bias = stats = None
+    if norm is not None:
+        with torch.no_grad():
+            mean, var, rstd = kernels(mode).batch_stats(rows.detach(), norm.eps)
+        norm.record(mean, var, rows.numel() // rows.shape[2])
+        weight, bias, stats = norm.weight, norm.bias, (mean, rstd)
     spikes, v_final = _FusedLIF.apply(
-        _rows(x_seq, order), None if residual is None else _rows(residual, order),
-        None if v_init is None else _rows(v_init.unsqueeze(0), order)[0], decay, opts, surrogate, mode)
+        rows, None if residual is None else _rows(residual, order, channels),
+        None if v_init is None else _rows(v_init.unsqueeze(0), order, channels)[0], decay,
+        weight, bias, stats, opts, surrogate, mode)
     return _unrows(spikes, x_seq, order), _unrows(v_final.unsqueeze(0), x_seq[:1], order)[0]

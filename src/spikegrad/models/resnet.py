@@ -43,10 +43,10 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [T, B, C_in, H, W]`` -> ``[T, B, C_out, H', W']``."""
-        y = self.conv2(self.sn1(self.conv1(x)))
+        s = self.conv1.fire(self.sn1, x)
         if self.sew:
-            return self.sn2(y) + self.downsample(x)
-        return self.sn2(y, residual=self.downsample(x))
+            return self.conv2.fire(self.sn2, s) + self.downsample(x)
+        return self.conv2.fire(self.sn2, s, residual=self.downsample(x))
 
 
 def _stem(ctx: Context, kind: str, channels: int) -> nn.Sequential:
