@@ -75,6 +75,25 @@ def test_compiled_fold_matches_batch_norm_then_neuron():
     _assert_agree(_run("torch", sn, bn, x, r, v0), _run("fused", sn, bn, x, r, v0))
 
 
+@pytest.mark.parametrize("backend", ["eager", "fused"])
+def test_spikes_alone_match_spikes_with_state(backend):
+    """Without ``return_state`` the final membrane is never computed and backward gets no
+    gradient for it: the same spikes and input gradients as through a state left unused."""
+    sn, bn = _layer("lif", 5)
+    sn.backend = backend
+    x, _, _ = _inputs(False, False, False)
+    weights = torch.linspace(-1, 1, x.numel(), dtype=x.dtype).view_as(x)
+    grads = []
+    for state in (False, True):
+        leaf = x.clone().requires_grad_()
+        out = sn(leaf, return_state=state, norm=copy.deepcopy(bn))
+        spikes = out[0] if state else out
+        (spikes * weights).sum().backward()
+        grads.append((spikes.detach(), leaf.grad))
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+
+
 def test_fold_keeps_the_conv_output_not_the_normalised_one():
     """Backward keeps the neuron's input before the norm and four per-channel vectors: one
     float tensor per layer, as BatchNorm2d + neuron (which share the normalised one)."""

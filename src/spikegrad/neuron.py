@@ -133,7 +133,7 @@ def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_inpu
                                detach_reset, surrogate)
     else:
         spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
-                              detach_reset, surrogate, mode, residual, norm)
+                              detach_reset, surrogate, mode, residual, norm, return_state)
     if surrogate.spiking:
         mark_spikes(spikes)
     return (spikes, v) if return_state else spikes

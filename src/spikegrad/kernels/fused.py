@@ -33,7 +33,8 @@ from torch import Tensor
 from ..memory import memory_order
 
 __all__ = ["lif", "charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
-           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan", "norm_backward",
+           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan", "norm_parameter_grads",
+           "norm_input_grads",
            "Kernels", "kernels"]
 
 
@@ -87,11 +88,12 @@ def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: T
 
 
 def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-                 opts: tuple, surrogate: Any, affine: tuple[Tensor, Tensor] | None = None
-                 ) -> tuple[Tensor, Tensor]:
-    """Forward over ``x_seq: [T, ...]`` (see ``steps``); returns ``(spikes [T, ...], v_final [...])``."""
+                 opts: tuple, surrogate: Any, affine: tuple[Tensor, Tensor] | None = None,
+                 keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Forward over ``x_seq: [T, ...]`` (see ``steps``); returns ``(spikes [T, ...], v_final
+    [...])``, ``v_final`` None unless ``keep_state`` (then it is never written)."""
     hs, v = membranes(x_seq, residual, v, decay, opts, surrogate, affine)
-    return torch.stack([surrogate.activation(h - opts[1]) for h in hs]), v
+    return torch.stack([surrogate.activation(h - opts[1]) for h in hs]), v if keep_state else None
 
 
 def slopes(h: Tensor, mask: Tensor | None, opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
@@ -124,28 +126,31 @@ def decay_gradient(grad_h: Sequence[Tensor], hs: Sequence[Tensor], x_seq: Tensor
 
 
 def _input_gradients(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
-                     grad_spikes: Tensor, grad_v: Tensor, decay: Tensor | float, opts: tuple,
+                     grad_spikes: Tensor, grad_v: Tensor | None, decay: Tensor | float, opts: tuple,
                      surrogate: Any, mask: Tensor | None, want_decay: bool,
-                     affine: tuple[Tensor, Tensor] | None) -> tuple[list[Tensor], Tensor, Tensor | None]:
+                     affine: tuple[Tensor, Tensor] | None) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
     """``backward``'s gradients with ``dL/d(input)`` one ``[...]`` tensor per step."""
     hs, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate, affine)
     keep = 1.0 - decay
     grad_h, grad_v_t = [], grad_v
     for t in reversed(range(len(hs))):
         g, dv_dh = slopes(hs[t], None if mask is None else mask[t], opts, surrogate)
-        grad_h.append(grad_spikes[t] * g + dv_dh * grad_v_t)
+        grad_s = grad_spikes[t] * g
+        grad_h.append(grad_s if grad_v_t is None else grad_s + dv_dh * grad_v_t)
         grad_v_t = keep * grad_h[-1]
     grad_h.reverse()
     grad_decay = (decay_gradient(grad_h, hs, x_seq, residual, v_init, opts, surrogate, affine)
                   if want_decay else None)
-    return [g * decay for g in grad_h] if opts[0] else grad_h, grad_v_t, grad_decay
+    grad_input = [g * decay for g in grad_h] if opts[0] else grad_h
+    return grad_input, None if v_init is None else grad_v_t, grad_decay
 
 
 def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
-             grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
-             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Gradients ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)`` (``dL/dx`` is
-    also the residual's); ``v_init`` None is the resting membrane.
+             grad_v: Tensor | None, decay: Tensor | float, opts: tuple, surrogate: Any,
+             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Gradients ``(dL/dx [T, ...], dL/dv_init [...] or None, dL/d(1/tau) or None)``
+    (``dL/dx`` is also the residual's); ``v_init`` None is the resting membrane (and gets
+    no gradient), ``grad_v`` None a final membrane without one.
 
     ``mask`` (MSG's keep-mask ``[T, ...]``, or None) multiplies the surrogate derivative.
     One reverse loop: ``dL/dh[t] = dL/ds[t] ds/dh[t] + dv/dh[t] dL/dv[t]`` with
@@ -170,34 +175,46 @@ def folded(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Te
 
 
 def norm_forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-                      opts: tuple, surrogate: Any, norm: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+                      opts: tuple, surrogate: Any, norm: tuple[Tensor, ...],
+                      keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """``forward_scan`` of the batch-normed ``x_seq: [T, P, C, Q]``; ``norm`` is
     ``(weight, bias, mean, rstd)``, each ``[C]``. The normalised input is never written."""
-    return forward_scan(x_seq, residual, v, decay, opts, surrogate, folded(*norm))
+    return forward_scan(x_seq, residual, v, decay, opts, surrogate, folded(*norm), keep_state)
 
 
-def norm_backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
-                  grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
-                  mask: Tensor | None, want_decay: bool, norm: tuple[Tensor, ...]) -> tuple:
-    """``backward`` through batch norm (batch statistics) and the neuron, ``x_seq: [T, P, C, Q]``:
-    ``(dL/dx [T, P, C, Q], dL/dresidual or None, dL/dv_init, dL/d(1/tau) or None,
-    dL/dweight [C], dL/dbias [C])``. PyTorch's BN backward, with ``x_hat`` rebuilt from
-    ``x_seq`` on the fly: ``dL/dx = scale (g - mean(g) - x_hat mean(g x_hat))``."""
+def norm_parameter_grads(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
+                         grad_spikes: Tensor, grad_v: Tensor | None, decay: Tensor | float, opts: tuple,
+                         surrogate: Any, mask: Tensor | None, want_decay: bool,
+                         norm: tuple[Tensor, ...]) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Backward through batch norm (batch statistics) and the neuron, first pass, for
+    ``x_seq: [T, P, C, Q]``: ``(dL/dweight [C], dL/dbias [C], dL/dv_init or None,
+    dL/d(1/tau) or None)``. Reductions only: nothing of ``x_seq``'s size is written."""
+    weight, bias, mean, rstd = norm
+    grad_y, grad_v0, grad_decay = _input_gradients(x_seq, residual, v_init, grad_spikes, grad_v, decay,
+                                                   opts, surrogate, mask, want_decay, folded(*norm))
+    grad_bias = grad_weight = torch.zeros_like(weight)
+    for g, x in zip(grad_y, x_seq.unbind(0)):
+        grad_bias = grad_bias + g.sum((0, 2))
+        grad_weight = grad_weight + (g * (x - mean[:, None])).sum((0, 2))
+    return grad_weight * rstd, grad_bias, grad_v0, grad_decay
+
+
+def norm_input_grads(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
+                     grad_spikes: Tensor, grad_v: Tensor | None, decay: Tensor | float, opts: tuple,
+                     surrogate: Any, mask: Tensor | None, norm: tuple[Tensor, ...],
+                     grad_weight: Tensor, grad_bias: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Second pass, given the first's parameter gradients: ``(dL/dx [T, P, C, Q], dL/dresidual
+    or None)``, PyTorch's batch-norm formula ``dL/dx = scale (g - mean(g) - x_hat mean(g x_hat))``
+    with ``x_hat`` and the neuron's gradient ``g`` recomputed rather than stored."""
     weight, bias, mean, rstd = norm
     scale, _ = affine = folded(weight, bias, mean, rstd)
-    grad_y, grad_v0, grad_decay = _input_gradients(x_seq, residual, v_init, grad_spikes, grad_v, decay,
-                                                   opts, surrogate, mask, want_decay, affine)
-    centred = [x - mean[:, None] for x in x_seq.unbind(0)]
-    grad_bias = grad_weight = torch.zeros_like(weight)
-    for g, c in zip(grad_y, centred):
-        grad_bias = grad_bias + g.sum((0, 2))
-        grad_weight = grad_weight + (g * c).sum((0, 2))
-    grad_weight = grad_weight * rstd
+    grad_y, _, _ = _input_gradients(x_seq, residual, v_init, grad_spikes, grad_v, decay, opts, surrogate,
+                                    mask, False, affine)
     count = x_seq.numel() // x_seq.shape[2]
     mean_grad, slope = (grad_bias / count)[:, None], (grad_weight * rstd / count)[:, None]
-    grad_x = torch.stack([scale * (g - mean_grad - c * slope) for g, c in zip(grad_y, centred)])
-    grad_residual = torch.stack(grad_y) if residual is not None else None
-    return grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias
+    grad_x = torch.stack([scale * (g - mean_grad - (x - mean[:, None]) * slope)
+                          for g, x in zip(grad_y, x_seq.unbind(0))])
+    return grad_x, torch.stack(grad_y) if residual is not None else None
 
 
 class Kernels(NamedTuple):
@@ -207,7 +224,8 @@ class Kernels(NamedTuple):
     backward: Callable
     batch_stats: Callable | None
     norm_forward_scan: Callable | None
-    norm_backward: Callable | None
+    norm_parameter_grads: Callable | None
+    norm_input_grads: Callable | None
 
 
 @functools.lru_cache(maxsize=None)
@@ -221,8 +239,9 @@ def kernels(mode: str) -> Kernels:
     """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded norm)."""
     if mode == "triton":
         from . import triton_lif  # imports triton: only when this backend runs
-        return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None)
-    eager = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_backward)
+        return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None, None)
+    eager = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_parameter_grads,
+                    norm_input_grads)
     return Kernels(*map(_compiled, eager)) if mode == "fused" else eager
 
 
@@ -231,13 +250,14 @@ class _FusedLIF(torch.autograd.Function):
     def forward(ctx: Any, x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
                 decay: Tensor | float, weight: Tensor | None, bias: Tensor | None,
                 stats: tuple[Tensor, Tensor] | None, opts: tuple, surrogate: Any,
-                mode: str) -> tuple[Tensor, Tensor]:
+                mode: str, keep_state: bool) -> tuple[Tensor, Tensor | None]:
         fns = kernels(mode)
         if stats is None:
-            spikes, v_final = fns.forward_scan(x_seq, residual, v_init, decay, opts, surrogate)
+            spikes, v_final = fns.forward_scan(x_seq, residual, v_init, decay, opts, surrogate,
+                                               keep_state=keep_state)
         else:
             spikes, v_final = fns.norm_forward_scan(x_seq, residual, v_init, decay, opts, surrogate,
-                                                    (weight, bias, *stats))
+                                                    (weight, bias, *stats), keep_state)
         ctx.opts, ctx.surrogate, ctx.mode, ctx.norm = opts, surrogate, mode, stats is not None
         ctx.decay_is_tensor = isinstance(decay, Tensor)
         ctx.decay = None if ctx.decay_is_tensor else decay
@@ -251,19 +271,19 @@ class _FusedLIF(torch.autograd.Function):
         decay = decay_t if ctx.decay_is_tensor else ctx.decay
         surrogate, mask = ctx.surrogate.split_mask(x_seq)  # MSG's mask is drawn here, eagerly
         grad_spikes = torch.zeros_like(x_seq) if grad_spikes is None else grad_spikes
-        grad_v = torch.zeros_like(x_seq[0]) if grad_v is None else grad_v
         want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[3]
-        args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, ctx.opts, surrogate, mask, want_decay)
-        if ctx.norm:
-            grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias = kernels(ctx.mode).norm_backward(
-                *args, tuple(norm))
+        fns = kernels(ctx.mode)
+        args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, ctx.opts, surrogate, mask)
+        grad_weight = grad_bias = None
+        if ctx.norm:  # two passes: the parameter gradients, then the input's from them
+            grad_weight, grad_bias, grad_v0, grad_decay = fns.norm_parameter_grads(*args, want_decay, tuple(norm))
+            grad_x, grad_residual = fns.norm_input_grads(*args, tuple(norm), grad_weight, grad_bias)
         else:
-            grad_x, grad_v0, grad_decay = kernels(ctx.mode).backward(*args)
-            grad_residual, grad_weight, grad_bias = grad_x if residual is not None else None, None, None
+            grad_x, grad_v0, grad_decay = fns.backward(*args, want_decay)
+            grad_residual = grad_x if residual is not None else None
         if grad_decay is not None:
             grad_decay = grad_decay.to(decay_t.dtype)
-        return (grad_x, grad_residual, grad_v0 if v_init is not None else None, grad_decay,
-                grad_weight, grad_bias, None, None, None, None)
+        return (grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias, None, None, None, None, None)
 
 
 def _rows(t: Tensor, order: list[int], channels: bool) -> Tensor:
@@ -285,9 +305,11 @@ def _unrows(rows: Tensor, like: Tensor, order: list[int]) -> Tensor:
 
 def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
         v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
-        mode: str = "fused", residual: Tensor | None = None, norm: Any = None) -> tuple[Tensor, Tensor]:
+        mode: str = "fused", residual: Tensor | None = None, norm: Any = None,
+        keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
     """Fused LIF over the input ``x_seq (+ residual)``, ``[T, B, ...]``, from ``v_init: [B, ...]``
-    (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])``. The residual is
+    (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])`` (``v_final`` None,
+    and never computed, unless ``keep_state``). The residual is
     added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
     which the layers before it keep anyway. ``mode``: ``"fused"`` (compiled), ``"eager"``
     or ``"triton"``.
@@ -303,7 +325,8 @@ def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input
     back in that layout. Inside ``torch.compile`` the tensors go in as they are."""
     opts = (decay_input, v_threshold, v_reset, detach_reset)
     if torch.compiler.is_compiling():  # inductor plans its own loops; rows would add symbolic reshapes
-        return _FusedLIF.apply(x_seq, residual, v_init, decay, None, None, None, opts, surrogate, mode)
+        return _FusedLIF.apply(x_seq, residual, v_init, decay, None, None, None, opts, surrogate, mode,
+                               keep_state)
     order = memory_order(x_seq) or list(range(x_seq.dim()))
     channels = norm is not None
     rows = _rows(x_seq, order, channels)
@@ -316,5 +339,6 @@ def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input
     spikes, v_final = _FusedLIF.apply(
         rows, None if residual is None else _rows(residual, order, channels),
         None if v_init is None else _rows(v_init.unsqueeze(0), order, channels)[0], decay,
-        weight, bias, stats, opts, surrogate, mode)
-    return _unrows(spikes, x_seq, order), _unrows(v_final.unsqueeze(0), x_seq[:1], order)[0]
+        weight, bias, stats, opts, surrogate, mode, keep_state)
+    v_final = None if v_final is None else _unrows(v_final.unsqueeze(0), x_seq[:1], order)[0]
+    return _unrows(spikes, x_seq, order), v_final

@@ -107,9 +107,10 @@ def _run(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor
 
 
 def forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
-                 opts: tuple, surrogate: Any) -> tuple[Tensor, Tensor]:
-    """As ``fused.forward_scan``: ``(spikes [T, ...], v_final [...])``."""
-    return _run(x_seq, residual, v, decay, opts, write_h=False)
+                 opts: tuple, surrogate: Any, keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
+    """As ``fused.forward_scan``: ``(spikes [T, ...], v_final [...] or None)``."""
+    spikes, v_final = _run(x_seq, residual, v, decay, opts, write_h=False)
+    return spikes, v_final if keep_state else None
 
 
 def membranes(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
@@ -128,14 +129,16 @@ def backward_scan(a: Tensor, c: Tensor, last: Tensor) -> Tensor:
 
 
 def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad_spikes: Tensor,
-             grad_v: Tensor, decay: Tensor | float, opts: tuple, surrogate: Any,
-             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """As ``fused.backward``: ``(dL/dx [T, ...], dL/dv_init [...], dL/d(1/tau) or None)``,
-    the derivatives on all of ``[T, ...]`` at once between the two scans."""
+             grad_v: Tensor | None, decay: Tensor | float, opts: tuple, surrogate: Any,
+             mask: Tensor | None, want_decay: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """As ``fused.backward``: ``(dL/dx [T, ...], dL/dv_init [...] or None, dL/d(1/tau) or
+    None)``, the derivatives on all of ``[T, ...]`` at once between the two scans."""
     h_seq, _ = membranes(x_seq, residual, v_init, decay, opts, surrogate)
     g, dv_dh = slopes(h_seq, mask, opts, surrogate)
     keep = 1.0 - decay
-    grad_h = backward_scan(grad_spikes * g, keep * dv_dh, dv_dh[-1] * grad_v)
+    last = torch.zeros_like(h_seq[-1]) if grad_v is None else dv_dh[-1] * grad_v
+    grad_h = backward_scan(grad_spikes * g, keep * dv_dh, last)
     grad_decay = (decay_gradient(grad_h, h_seq, x_seq, residual, v_init, opts, surrogate)
                   if want_decay else None)
-    return grad_h * decay if opts[0] else grad_h, grad_h[0] * keep, grad_decay
+    grad_v0 = None if v_init is None else grad_h[0] * keep
+    return grad_h * decay if opts[0] else grad_h, grad_v0, grad_decay
