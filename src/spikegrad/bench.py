@@ -518,6 +518,16 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
     return None if value is None or not reference else value / reference
 
 
+def _paired(row: dict[str, Any], reference: dict[str, Any]) -> float | None:
+    """``row``'s time / ``reference``'s: the median of the per-round ratios when both were
+    timed in the same interleaved rounds (equal counts: the VM's drift cancels within a
+    round), else the ratio of the medians (or None when the reference was not timed)."""
+    times, ref_times = row["times_s"], reference.get("times_s") or []
+    if len(times) != len(ref_times):
+        return _ratio(row["median_s"], reference.get("median_s"))
+    return statistics.median(t / ref for t, ref in zip(times, ref_times))
+
+
 def memory_isolated(setup: Setup, case: Case) -> dict[str, Any]:
     """``case``'s memory, each figure from a fresh process running one warm-up and two steps:
     ``peak_mib``/``base_mib`` (peak, and before the model was built: RSS on CPU, CUDA's max
@@ -552,10 +562,12 @@ def measure_memory(setup: Setup, cases: list[Case], not_measured: list[Failure],
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """Set each row's ``ratios`` from the measured medians and peaks of the rows it compares to.
 
-    ``per_T_ann``: median / (T x the ANN twin's median, same shortcut setting), every SNN row;
-    ``vs_<peer>``, ``memory_vs_<peer>`` and ``live_memory_vs_<peer>``: spikegrad / the peer at
-    the same T and shortcut setting; ``shortcut_over_plain`` and ``memory_shortcut_over_plain``: a shortcut row / the
-    same configuration without branches. A ratio whose reference was not measured is None.
+    ``per_T_ann``: median / (T x the ANN twin's median, same shortcut setting; the ANN twin's
+    times are pooled over the T groups), every SNN row; ``vs_<peer>`` (time, ``_paired``),
+    ``memory_vs_<peer>`` and ``live_memory_vs_<peer>``: spikegrad / the peer at the same T
+    and shortcut setting; ``shortcut_over_plain`` (time, ``_paired``) and
+    ``memory_shortcut_over_plain``: a shortcut row / the same configuration without
+    branches. A ratio whose reference was not measured is None.
     """
     index = {(r["net"], r["backend"], r["T"], r["shortcut"]): r for r in rows}
     by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows}
@@ -567,12 +579,12 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         if r["net"] == "spikegrad":
             for peer in PEERS:
                 ref = by_net.get((peer, r["T"], r["shortcut"])) or {}
-                ratios[f"vs_{peer}"] = _ratio(r["median_s"], ref.get("median_s"))
+                ratios[f"vs_{peer}"] = _paired(r, ref)
                 ratios[f"memory_vs_{peer}"] = _ratio(r["peak_mib"], ref.get("peak_mib"))
                 ratios[f"live_memory_vs_{peer}"] = _ratio(r.get("live_mib"), ref.get("live_mib"))
         if r["shortcut"]:
             plain = index.get((r["net"], r["backend"], r["T"], False)) or {}
-            ratios["shortcut_over_plain"] = _ratio(r["median_s"], plain.get("median_s"))
+            ratios["shortcut_over_plain"] = _paired(r, plain)
             ratios["memory_shortcut_over_plain"] = _ratio(r["peak_mib"], plain.get("peak_mib"))
         r["ratios"] = ratios
 
@@ -616,7 +628,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}.",
              f"Median and interquartile range of {meta['repeats']} steps after {meta['warmup']} warm-up "
              f"steps, timed in interleaved rounds in one process, one group per T (the ANN twin in every "
-             f"group, its times pooled); ANN twin and spikegrad {layout}; "
+             f"group, its times pooled); time ratios to a peer and shortcut / plain: the median of the "
+             f"per-round ratios; ANN twin and spikegrad {layout}; "
              f"memory: {memory if meta['isolated'] else 'not measured'}.",
              f"Command: `{meta['command']}`"]
     for shortcut in (False, True):
