@@ -276,8 +276,9 @@ class _FusedLIF(torch.autograd.Function):
         args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, ctx.opts, surrogate, mask)
         grad_weight = grad_bias = None
         if ctx.norm:  # two passes: the parameter gradients, then the input's from them
-            grad_weight, grad_bias, grad_v0, grad_decay = fns.norm_parameter_grads(*args, want_decay, tuple(norm))
-            grad_x, grad_residual = fns.norm_input_grads(*args, tuple(norm), grad_weight, grad_bias)
+            norm = tuple(norm)
+            grad_weight, grad_bias, grad_v0, grad_decay = fns.norm_parameter_grads(*args, want_decay, norm)
+            grad_x, grad_residual = fns.norm_input_grads(*args, norm, grad_weight, grad_bias)
         else:
             grad_x, grad_v0, grad_decay = fns.backward(*args, want_decay)
             grad_residual = grad_x if residual is not None else None
