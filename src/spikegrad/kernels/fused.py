@@ -33,9 +33,8 @@ from torch import Tensor
 from ..memory import memory_order
 
 __all__ = ["lif", "charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
-           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan", "norm_parameter_grads",
-           "norm_input_grads",
-           "Kernels", "kernels"]
+           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan",
+           "norm_parameter_grads", "norm_input_grads", "Kernels", "kernels"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -228,15 +227,16 @@ class Kernels(NamedTuple):
     norm_input_grads: Callable | None
 
 
-@functools.lru_cache(maxsize=None)
 def _compiled(fn: Callable) -> Callable:
     # one graph per (surrogate type, options, dtype): allow more than dynamo's default 8
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     return torch.compile(fn)
 
 
+@functools.lru_cache(maxsize=None)
 def kernels(mode: str) -> Kernels:
-    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded norm)."""
+    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded
+    norm); built once per mode, since every layer asks for them in forward and backward."""
     if mode == "triton":
         from . import triton_lif  # imports triton: only when this backend runs
         return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None, None)
