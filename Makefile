@@ -1,17 +1,19 @@
 # make train: set up .venv, fetch the embedded dataset, train the default model.
-# make test:  the same set-up, then the whole test suite.
+# make test:  the same set-up, then the whole test suite (WORKERS=2 processes).
 PY      := .venv/bin/python
 PIP     := $(PY) -m pip
 FMNIST  := /usr/share/datasets/fashion-mnist
 STAMP   := .venv/.spikegrad-installed
+WORKERS ?= 2
 
 .PHONY: train test setup data bench clean
 
 train: setup data
 	$(PY) -m spikegrad train --config configs/default.yaml --overwrite
 
+# pytest-xdist workers (one torch thread each), whole test modules per worker
 test: setup data
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope
 
 bench: setup
 	$(PY) -m spikegrad bench step --threads 1 --out runs/bench

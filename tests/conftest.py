@@ -1,9 +1,16 @@
 """Test defaults: the reference neuron backend unless a test asks for another.
 
 Compiled paths cost a cold compile per graph; they are tested on a fixed small set
-of shapes in test_neuron.py and test_compile.py, never through ``backend="auto"``.
+of shapes (test_neuron.py, test_amp_compile.py, test_norm_fold.py), never through
+``backend="auto"``. ``make test`` runs the suite on two pytest-xdist workers, one torch
+thread each: two workers of two threads on a 2-core machine wait on each other.
 """
 import os
 
+import torch
+
 os.environ.setdefault("SPIKEGRAD_BACKEND", "torch")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
