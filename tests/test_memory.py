@@ -119,6 +119,30 @@ def test_bit_packing_round_trips(numel):
     assert torch.equal(memory.unpack_bits(bits, numel, torch.float32), spikes)
 
 
+def test_spikes_saved_by_several_layers_are_unpacked_once(monkeypatch):
+    """Three layers save views of one spike tensor (two as it is, one reshaped): backward
+    unpacks the bits once, every layer gets the right values, and the float copy is let go
+    after the last of them."""
+    calls = []
+    unpack = memory.unpack_bits
+    monkeypatch.setattr(memory, "unpack_bits", lambda *args: calls.append(args[1]) or unpack(*args))
+    torch.manual_seed(5)
+    x = torch.randn(3, 2, 8) + 0.5
+    weights = [torch.randn(8, requires_grad=True) for _ in range(2)]
+    matrix = torch.randn(6 * 8 // 4, 3, requires_grad=True)
+    with memory.saved_tensors() as record:
+        s = LIF(backend="eager")(x)
+        loss = (s * weights[0]).sum() + (s * weights[1]).pow(2).sum() + (s.reshape(-1, 12) @ matrix).sum()
+    (mark,) = [m for m in record.marks.values() if m.bits is not None]
+    assert mark.pending == 3
+    grads = torch.autograd.grad(loss, [*weights, matrix])
+    spikes = s.detach()
+    torch.testing.assert_close(grads[0], spikes.sum((0, 1)))
+    torch.testing.assert_close(grads[1], (2 * spikes * spikes * weights[1].detach()).sum((0, 1)))
+    torch.testing.assert_close(grads[2], spikes.reshape(-1, 12).sum(0)[:, None].expand(12, 3))
+    assert calls == [spikes.numel()] and mark.pending == 0 and mark.unpacked is None
+
+
 def test_batchnorm_and_neuron_share_one_saved_tensor(monkeypatch):
     monkeypatch.setenv("SPIKEGRAD_BACKEND", "eager")  # the fused neuron saves its input; the reference loop saves more
     model, x = _tiny("plain-8")

@@ -75,14 +75,20 @@ def unpack_bits(bits: Tensor, numel: int, dtype: torch.dtype) -> Tensor:
 
 class _Mark:
     """A marked spike tensor (weakly held: a mark never keeps spikes alive), the version it
-    was marked at, and its bit-packed copy once one was saved."""
+    was marked at, and its bit-packed copy once one was saved.
 
-    __slots__ = ("ref", "version", "bits")
+    Several layers may save the same spikes (a block's first conv and its residual, or a
+    conv and its downsampling shortcut): the bits are packed once, and in backward unpacked
+    once, the float copy being kept only until the last of those savers has taken it."""
+
+    __slots__ = ("ref", "version", "bits", "pending", "unpacked")
 
     def __init__(self, spikes: Tensor) -> None:
         self.ref = weakref.ref(spikes)
         self.version = spikes._version
         self.bits: Tensor | None = None
+        self.pending = 0  # saved views not yet unpacked
+        self.unpacked: Tensor | None = None
 
     def current(self, t: Tensor) -> bool:
         """Whether the marked spikes are alive and ``t`` (sharing their storage) is unchanged
@@ -91,9 +97,7 @@ class _Mark:
 
     def packed(self, t: Tensor) -> "_Saved | None":
         """``t`` bit-packed if it views the whole of the marked spikes (``current(t)`` holds);
-        else None.
-
-        One packed copy of the spikes serves every view any layer saves (the next conv's
+        else None. One packed copy serves every view any layer saves (the next conv's
         ``[T*B, ...]`` and a residual ``[T, B, ...]`` alike)."""
         spikes = self.ref()
         if (spikes is None or t.dtype != spikes.dtype
@@ -102,13 +106,22 @@ class _Mark:
         if self.bits is None:
             order = memory_order(spikes)  # spikes are dense and alone in their storage
             self.bits = pack_bits(spikes.permute(order))  # in memory order, as as_strided reads
-        return _Saved(self.bits, (spikes.numel(), t.dtype, t.size(), t.stride(), t.storage_offset()))
+        self.pending += 1
+        return _Saved(self.bits, (self, spikes.numel(), t.dtype, t.size(), t.stride(), t.storage_offset()))
+
+    def unpack(self, numel: int, dtype: torch.dtype) -> Tensor:
+        """The spikes as ``[numel]`` floats in memory order, for one saved view: unpacked by
+        the first view to ask and kept while other views are still due."""
+        flat = self.unpacked if self.unpacked is not None else unpack_bits(self.bits, numel, dtype)
+        self.pending -= 1
+        self.unpacked = flat if self.pending > 0 else None
+        return flat
 
 
 class _Saved:
     """What autograd holds for one saved tensor: the tensor, or packed spike bits and how to
-    rebuild the view that was saved (numel, dtype, size, stride, offset). Its lifetime is the
-    graph's hold on it, which ``SavedTensors`` counts."""
+    rebuild the view that was saved (mark, numel, dtype, size, stride, offset). Its lifetime
+    is the graph's hold on it, which ``SavedTensors`` counts."""
 
     __slots__ = ("tensor", "view", "__weakref__")
 
@@ -118,8 +131,8 @@ class _Saved:
     def unpack(self) -> Tensor:
         if self.view is None:
             return self.tensor
-        numel, dtype, size, stride, offset = self.view
-        return unpack_bits(self.tensor, numel, dtype).as_strided(size, stride, offset)
+        mark, numel, dtype, size, stride, offset = self.view
+        return mark.unpack(numel, dtype).as_strided(size, stride, offset)
 
 
 class SavedTensors:
