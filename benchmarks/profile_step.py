@@ -5,9 +5,14 @@
 Builds the network of ``spikegrad bench step`` (CIFAR ResNet-18, batch 32; ``--net``
 ``ann``, ``spikegrad``, ``spikingjelly`` or ``snntorch``), runs two warm-up steps,
 profiles ``--profiles`` steps and prints the fastest one's totals per kind (seconds),
-then its ten most expensive operators. Recorded results: docs/performance.md.
+then its ten most expensive operators, and the fresh memory a step touches: minor page
+faults (each a 4 KiB page the kernel maps and zeroes on first write) times what one
+costs here, measured on a 33.5 MiB tensor. Recorded results: docs/performance.md.
 """
 import argparse
+import resource
+import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +26,26 @@ KINDS = {
     "spike bits (pack, unpack)": ("aten::addmv_", "aten::index_select"),
     "copy_": ("aten::copy_",),
 }
+
+
+def page_fault_cost(numel: int = 128 * 64 * 32 * 32 + 1024, repeats: int = 15) -> float:
+    """Seconds per minor page fault: filling a fresh ``[numel]`` float tensor (just above
+    glibc's 32 MiB mmap threshold, so freshly mapped) minus refilling one already touched,
+    per 4 KiB page."""
+    def median_seconds(fill) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fill()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    reused = torch.empty(numel)
+    fresh = median_seconds(lambda: torch.empty(numel).fill_(1.0)) - median_seconds(lambda: reused.fill_(1.0))
+    return fresh / (numel * 4 / 4096)
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def main() -> None:
@@ -41,6 +66,9 @@ def main() -> None:
                           torch.randint(0, CLASSES, (args.batch,)))
     for _ in range(2):  # warm-up: the fused neuron compiles in the first
         step()
+    faults = minor_faults()
+    step()
+    faults = minor_faults() - faults
     runs = []
     for _ in range(args.profiles):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -53,6 +81,9 @@ def main() -> None:
         print(f"  {kind}: {sum(seconds.get(n, 0.0) for n in names):.2f} s")
     compiled = sum(s for key, s in seconds.items() if "CompiledFxGraph" in key)
     print(f"  compiled graphs (the fused neuron): {compiled:.2f} s")
+    cost = page_fault_cost()
+    print(f"  fresh pages: {faults} minor page faults in an unprofiled step ({faults * 4 / 1024:.0f} MiB)"
+          f" x {cost * 1e6:.2f} us each = {faults * cost:.2f} s")
     print("  most expensive operators:")
     for key, s in sorted(seconds.items(), key=lambda kv: -kv[1])[:10]:
         print(f"    {key[:60]}: {s:.3f} s")
