@@ -45,6 +45,7 @@ def page_fault_cost(numel: int = 128 * 64 * 32 * 32 + 1024, repeats: int = 15) -
 
 
 def minor_faults() -> int:
+    """This process's minor page faults so far."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

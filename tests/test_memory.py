@@ -129,7 +129,7 @@ def test_spikes_saved_by_several_layers_are_unpacked_once(monkeypatch):
     torch.manual_seed(5)
     x = torch.randn(3, 2, 8) + 0.5
     weights = [torch.randn(8, requires_grad=True) for _ in range(2)]
-    matrix = torch.randn(6 * 8 // 4, 3, requires_grad=True)
+    matrix = torch.randn(12, 3, requires_grad=True)
     with memory.saved_tensors() as record:
         s = LIF(backend="eager")(x)
         loss = (s * weights[0]).sum() + (s * weights[1]).pow(2).sum() + (s.reshape(-1, 12) @ matrix).sum()
