@@ -34,7 +34,7 @@ from ..memory import memory_order
 
 __all__ = ["lif", "charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
            "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan",
-           "norm_parameter_grads", "norm_input_grads", "Kernels", "kernels"]
+           "norm_parameter_grads", "norm_input_grads", "Kernels", "EAGER", "kernels"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -233,16 +233,24 @@ def _compiled(fn: Callable) -> Callable:
     return torch.compile(fn)
 
 
+EAGER = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_parameter_grads,
+                norm_input_grads)
+
+
 @functools.lru_cache(maxsize=None)
-def kernels(mode: str) -> Kernels:
-    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded
-    norm); built once per mode, since every layer asks for them in forward and backward."""
+def _built(mode: str) -> Kernels:
     if mode == "triton":
         from . import triton_lif  # imports triton: only when this backend runs
         return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None, None)
-    eager = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_parameter_grads,
-                    norm_input_grads)
-    return Kernels(*map(_compiled, eager)) if mode == "fused" else eager
+    return Kernels(*map(_compiled, EAGER)) if mode == "fused" else EAGER
+
+
+def kernels(mode: str) -> Kernels:
+    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded
+    norm); built once per mode, since every layer asks for them in forward and backward.
+    Inside ``torch.compile`` (a whole model compiled) the plain functions, which the
+    compiler traces into its own graph."""
+    return EAGER if torch.compiler.is_compiling() else _built(mode)
 
 
 class _FusedLIF(torch.autograd.Function):
