@@ -12,12 +12,11 @@ costs here, measured on a 33.5 MiB tensor. Recorded results: docs/performance.md
 import argparse
 import resource
 import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spikegrad.bench import CHANNELS, CLASSES, IMAGE, Case, Setup, _training_step, build_net
+from spikegrad.bench import CHANNELS, CLASSES, IMAGE, Case, Setup, _training_step, build_net, time_runs
 
 KINDS = {
     "convolution forward": ("aten::mkldnn_convolution", "aten::_convolution"),
@@ -31,17 +30,11 @@ KINDS = {
 def page_fault_cost(numel: int = 128 * 64 * 32 * 32 + 1024, repeats: int = 15) -> float:
     """Seconds per minor page fault: filling a fresh ``[numel]`` float tensor (just above
     glibc's 32 MiB mmap threshold, so freshly mapped) minus refilling one already touched,
-    per 4 KiB page."""
-    def median_seconds(fill) -> float:
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fill()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    per 4 KiB page (medians of ``repeats`` fills each)."""
     reused = torch.empty(numel)
-    fresh = median_seconds(lambda: torch.empty(numel).fill_(1.0)) - median_seconds(lambda: reused.fill_(1.0))
-    return fresh / (numel * 4 / 4096)
+    fresh, refill = (statistics.median(time_runs(fill, repeats, warmup=1))
+                     for fill in (lambda: torch.empty(numel).fill_(1.0), lambda: reused.fill_(1.0)))
+    return (fresh - refill) / (numel * 4 / 4096)
 
 
 def minor_faults() -> int:

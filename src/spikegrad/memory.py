@@ -81,11 +81,12 @@ class _Mark:
     conv and its downsampling shortcut): the bits are packed once, and in backward unpacked
     once, the float copy being kept only until the last of those savers has taken it."""
 
-    __slots__ = ("ref", "version", "bits", "pending", "unpacked")
+    __slots__ = ("ref", "version", "numel", "dtype", "bits", "pending", "unpacked")
 
     def __init__(self, spikes: Tensor) -> None:
         self.ref = weakref.ref(spikes)
         self.version = spikes._version
+        self.numel, self.dtype = spikes.numel(), spikes.dtype
         self.bits: Tensor | None = None
         self.pending = 0  # saved views not yet unpacked
         self.unpacked: Tensor | None = None
@@ -107,12 +108,12 @@ class _Mark:
             order = memory_order(spikes)  # spikes are dense and alone in their storage
             self.bits = pack_bits(spikes.permute(order))  # in memory order, as as_strided reads
         self.pending += 1
-        return _Saved(self.bits, (self, spikes.numel(), t.dtype, t.size(), t.stride(), t.storage_offset()))
+        return _Saved(self.bits, (self, t.size(), t.stride(), t.storage_offset()))
 
-    def unpack(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """The spikes as ``[numel]`` floats in memory order, for one saved view: unpacked by
-        the first view to ask and kept while other views are still due."""
-        flat = self.unpacked if self.unpacked is not None else unpack_bits(self.bits, numel, dtype)
+    def unpack(self) -> Tensor:
+        """The spikes as ``[numel]`` values of their dtype in memory order, for one saved view:
+        unpacked by the first view to ask and kept while other views are still due."""
+        flat = self.unpacked if self.unpacked is not None else unpack_bits(self.bits, self.numel, self.dtype)
         self.pending -= 1
         self.unpacked = flat if self.pending > 0 else None
         return flat
@@ -120,7 +121,7 @@ class _Mark:
 
 class _Saved:
     """What autograd holds for one saved tensor: the tensor, or packed spike bits and how to
-    rebuild the view that was saved (mark, numel, dtype, size, stride, offset). Its lifetime
+    rebuild the view that was saved (mark, size, stride, offset). Its lifetime
     is the graph's hold on it, which ``SavedTensors`` counts."""
 
     __slots__ = ("tensor", "view", "__weakref__")
@@ -131,8 +132,8 @@ class _Saved:
     def unpack(self) -> Tensor:
         if self.view is None:
             return self.tensor
-        mark, numel, dtype, size, stride, offset = self.view
-        return mark.unpack(numel, dtype).as_strided(size, stride, offset)
+        mark, size, stride, offset = self.view
+        return mark.unpack().as_strided(size, stride, offset)
 
 
 class SavedTensors:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -108,8 +108,9 @@ def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2
                 surrogate or sg.ATan(), backend, return_state)
 
 
-def _normalised(norm: nn.Module, x_seq: Tensor) -> Tensor:
-    """``norm`` (a ``[N, C, ...]`` module) applied to ``x_seq: [T, B, C, ...]`` over ``T*B``."""
+def _normalised(norm: Callable[[Tensor], Tensor], x_seq: Tensor) -> Tensor:
+    """``norm`` (of ``[N, C, ...]``, e.g. a batch-norm module) applied to ``x_seq: [T, B, C, ...]``
+    over ``T*B``."""
     return norm(x_seq.flatten(0, 1)).unflatten(0, x_seq.shape[:2])
 
 
@@ -191,8 +192,8 @@ class BaseNeuron(nn.Module):
         x_seq = args[0]
         if norm is not None:  # as the call normalised it, without counting the batch again
             stats = (None, None) if norm.training else (norm.running_mean, norm.running_var)
-            x_seq = F.batch_norm(x_seq.flatten(0, 1), *stats, norm.weight, norm.bias, norm.training,
-                                 0.0, norm.eps).unflatten(0, x_seq.shape[:2])
+            x_seq = _normalised(lambda flat: F.batch_norm(flat, *stats, norm.weight, norm.bias,
+                                                          norm.training, 0.0, norm.eps), x_seq)
         return x_seq if residual is None else x_seq + residual
 
     def extra_repr(self) -> str:
