@@ -2,7 +2,9 @@
 
 A checkpoint is a dict of tensors, numbers, strings, lists and dicts. ``save`` writes
 a temporary file in the same folder, flushes and fsyncs it, then renames it over the
-target, so a run killed mid-write leaves the previous file whole.
+target, so a run killed mid-write leaves the previous file whole. The file gets the
+umask's permissions (0644 under the usual umask 022), like every other file of a run
+directory, not the temporary file's private 0600.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ class CheckpointError(ValueError):
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, rename it over
     ``path`` and fsync the folder. On any failure the temp file is removed and
-    ``path`` keeps its previous content."""
+    ``path`` keeps its previous content. The file gets ``0666`` minus the umask (what
+    ``open(path, "w")`` gives a new file), not ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -33,6 +36,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -40,6 +44,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     _fsync(path.parent)
     return path
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask can only
+    be read by setting it, which races with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:
