@@ -1,8 +1,9 @@
 """The model registry: ``create_model(name, num_classes=10, **kw)`` and ``list_models()``.
 
 Names (lowercase): ``resnet18``, ``resnet19``, ``resnet20``, ``resnet34``, ``vgg11``,
-``vgg16``, ``vggsnn`` and ``plain-N`` for N in 8..40. Shapes and stages: METHODS.md,
-"Models"; every model is a ``SpikingNet`` (see there for its attributes).
+``vgg16``, ``vggsnn``, ``cifarnet`` (the MSG paper's CIFAR net) and ``plain-N`` for N in
+8..40. Shapes and stages: each builder's docstring; every model is a ``SpikingNet`` (see
+there for its attributes).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Callable
 from .. import surrogate as sg
 from ..layers import ENCODERS, Conv2d, neuron_config
 from ..neuron import BACKENDS
-from . import plain, resnet, vgg
+from . import cifarnet, plain, resnet, vgg
 from .base import Body, Context, SpikingNet, init_gain, init_weights
 
 __all__ = ["create_model", "list_models", "SpikingNet", "NORMS"]
@@ -27,6 +28,7 @@ _FIXED: dict[str, tuple[Callable[..., Body], dict[str, Any]]] = {
     "resnet20": (resnet.resnet20, _RESNET_OPTIONS),
     "resnet34": (resnet.resnet34, _RESNET_OPTIONS),
     **{arch: (functools.partial(vgg.vgg, arch=arch), {}) for arch in vgg.VGG_STAGES},
+    "cifarnet": (cifarnet.cifarnet, {}),
 }
 _COMMON = ("num_classes", "T", "in_channels", "encoding", "neuron", "surrogate", "norm", "width", "backend",
            "channels_last")
