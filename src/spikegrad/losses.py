@@ -38,8 +38,10 @@ class RateCE:
 
 
 class TET(RateCE):
-    """Temporal efficient training (Deng et al., ICLR 2022): ``mean_t CE(o_t, y)``
-    plus ``lam * MSE(o_t, phi)`` when ``lam > 0``. Decodes by the mean over time."""
+    """Temporal efficient training (Deng et al., ICLR 2022):
+    ``(1 - lam) * mean_t CE(o_t, y) + lam * MSE(o, phi)``, the MSE over every step's
+    logits against the constant ``phi`` (``lam = 0``: the cross-entropy term alone).
+    Decodes by the mean over time."""
 
     name = "tet"
 
@@ -51,15 +53,19 @@ class TET(RateCE):
         ce = F.cross_entropy(logits.flatten(0, 1), target.repeat(T))
         if self.lam == 0:
             return ce
-        return ce + self.lam * F.mse_loss(logits, torch.full_like(logits, self.phi))
+        mse = F.mse_loss(logits, torch.full_like(logits, self.phi))
+        return (1 - self.lam) * ce + self.lam * mse
 
 
 class TWO(RateCE):
-    """Temporally weighted output (MSG paper): ``decode = mean_t(a_t o_t)``.
+    """Temporally weighted output (MSG paper).
 
-    ``variant="official"``: ``a = 1`` for ``warmup`` epochs, then after each epoch
-    ``a <- (1 - alpha) a + alpha acc_t / mean_t(acc_t)``. ``variant="paper"``: ``a``
-    starts at ``1/T`` and is low-pass filtered towards ``acc_t`` with ``alpha``.
+    ``variant="official"`` (the authors' code): ``decode = mean_t(a_t o_t)``; ``a = 1``
+    for the first ``warmup`` epochs, then after each epoch
+    ``a <- (1 - alpha) a + alpha acc_t / mean_t(acc_t)``. ``variant="paper"`` (the
+    paper's text): ``decode = sum_t(a_t o_t)``; ``a`` starts at ``1/T`` (so the first
+    epochs decode by the mean) and is low-pass filtered towards ``acc_t`` with
+    ``alpha`` after each epoch from the ``warmup``-th on.
     ``acc_t`` is the training accuracy of step t's output alone over the last epoch,
     collected with ``observe`` and applied with ``end_epoch``. The weights are decoding
     state (``state_dict``), saved in checkpoints and exported models, not model weights.
@@ -77,8 +83,10 @@ class TWO(RateCE):
         self._seen = 0
 
     def decode(self, logits: Tensor) -> Tensor:
+        """``[T, B, K] -> [B, K]``: ``mean_t(a_t o_t)`` (official) or ``sum_t(a_t o_t)`` (paper)."""
         a = self.weights.to(logits.device, logits.dtype).view(-1, 1, 1)
-        return (a * logits).mean(0)
+        weighted = a * logits
+        return weighted.sum(0) if self.variant == "paper" else weighted.mean(0)
 
     @torch.no_grad()
     def observe(self, logits: Tensor, target: Tensor) -> None:
