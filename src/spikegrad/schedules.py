@@ -18,7 +18,7 @@ from . import surrogate as sg
 __all__ = ["progress", "BalanceSchedule", "DspikeTemperature", "AdaLiSchedule", "adali_bound"]
 
 BALANCE_KINDS = ("constant", "linear", "cosine", "step")
-ADALI_KINDS = ("log", "linear", "sqrt")
+ADALI_KINDS = ("log", "linear", "sqrt", "linear-geometric", "sqrt-geometric")
 
 
 def progress(index: int, count: int) -> float:
@@ -56,17 +56,31 @@ class BalanceSchedule:
 
 
 def adali_bound(epoch: int, epochs: int, high: float, low: float, kind: str = "log") -> float:
-    """An AdaLi boundary at ``epoch``: ``high * (low/high)^f``, f from 0 (first) to 1 (last).
+    """An AdaLi boundary at ``epoch`` (0-based) of ``epochs``, from ``high`` (first epoch)
+    towards ``low``. With ``e`` the epoch and ``E`` the epochs:
 
-    ``log``: f = ln(e+1)/ln E; ``linear``: f = e/(E-1); ``sqrt``: f = sqrt(e/(E-1)).
+    - ``log``: ``high * (low/high)^(ln(e+1)/ln E)``, reaching ``low`` at the last epoch;
+    - ``linear``: ``high + (low - high) * e/(E-1)``, reaching ``low`` at the last epoch;
+    - ``sqrt``: ``high + (low - high) * (sqrt(e+1) - 1)/sqrt(E-1)``, which ends short of
+      ``low`` (at ``(sqrt(E) - 1)/sqrt(E-1)`` of the way: 0.956 for E = 500);
+    - ``linear-geometric`` / ``sqrt-geometric``: ``high * (low/high)^f`` with
+      ``f = e/(E-1)`` / ``sqrt(e/(E-1))`` (spikegrad's earlier forms, kept as options).
+
+    ``log``, ``linear`` and ``sqrt`` are the AdaLi authors' code (its 1-based epoch is
+    ``e + 1`` here). With ``E = 1`` the boundary stays at ``high``.
     """
     if kind not in ADALI_KINDS:
         raise ValueError(f"AdaLi schedule must be one of {', '.join(ADALI_KINDS)}, got {kind!r}")
     if epochs <= 1:
         return high
-    f = {"log": math.log(epoch + 1) / math.log(epochs), "linear": progress(epoch, epochs),
-         "sqrt": math.sqrt(progress(epoch, epochs))}[kind]
-    return high * (low / high) ** min(f, 1.0)
+    e = min(max(epoch, 0), epochs - 1)
+    if kind == "linear":
+        return high + (low - high) * e / (epochs - 1)
+    if kind == "sqrt":
+        return high + (low - high) * (math.sqrt(e + 1) - 1) / math.sqrt(epochs - 1)
+    f = {"log": math.log(e + 1) / math.log(epochs), "linear-geometric": progress(e, epochs),
+         "sqrt-geometric": math.sqrt(progress(e, epochs))}[kind]
+    return high * (low / high) ** f
 
 
 class AdaLiSchedule:
