@@ -13,6 +13,7 @@ placeholder path. The tests run on one intra-op thread: these small steps gain n
 from more, and on a loaded 2-core machine OpenMP's waiting threads made them 10-30x slower.
 """
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -107,4 +108,17 @@ def test_paper_row_is_named_by_its_file_and_sources_its_number(path):
     if cfg.expected_accuracy is None:
         assert cfg.expected_source.startswith("no number")
     else:
-        assert 0 < cfg.expected_accuracy < 100 and "METHODS.md" in cfg.expected_source
+        # the number, then where it comes from
+        assert 0 < cfg.expected_accuracy < 100
+        assert cfg.expected_source.startswith(f"{cfg.expected_accuracy:g}") or \
+            cfg.expected_source.startswith(f"{cfg.expected_accuracy:.2f}")
+        assert ":" in cfg.expected_source and len(cfg.expected_source.split(":", 1)[1].strip()) > 20
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_id)
+def test_config_points_only_inside_the_project(path):
+    """A user has the repository, not the project's planning notes or issue tracker."""
+    text = path.read_text()
+    for outside in ("METHODS.md", "DESIGN.md", "../shared", "shared/"):
+        assert outside not in text, f"{path.name} points to {outside}"
+    assert re.search(r"\bissue \d", text) is None, f"{path.name} cites an issue number"
