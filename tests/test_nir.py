@@ -1,6 +1,10 @@
 """NIR export and import: bit-exact round trips, the parameter mapping against NIR's own
-equations, refusals, snnTorch in both directions, and the docs' worked example."""
+equations, refusals, users' own networks, the default file read by snnTorch's and
+SpikingJelly's importers, snnTorch in both directions, and the docs' worked example."""
+import contextlib
+import io
 import re
+import warnings
 from pathlib import Path
 
 import nir
@@ -10,13 +14,17 @@ import snntorch as snn
 import torch
 from snntorch.export_nir import export_to_nir
 from snntorch.import_nir import import_from_nir
+from spikingjelly.activation_based.nir_exchange import import_from_nir as sj_import_from_nir
 from torch import Tensor, nn
 
 import spikegrad.nir as sgnir
-from spikegrad.layers import neuron_layers
+from spikegrad import monitor
+from spikegrad.layers import DirectEncoder, SeqToANN, neuron_layers
 from spikegrad.models import create_model
-from spikegrad.nir import NIRNet, export_nir, fold_bn, from_nir, to_nir
+from spikegrad.neuron import LIF
+from spikegrad.nir import NIRDtWarning, NIRNet, export_nir, fold_bn, from_nir, to_nir
 
+OTHER_DT = pytest.mark.filterwarnings("ignore::spikegrad.nir.NIRDtWarning")   # tests of dt != 1e-4
 T = 4
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "nir.md"
 # name -> (registry name, input channels, input size, options)
@@ -112,6 +120,11 @@ def test_round_trip_is_bit_identical_to_the_folded_model(key, tmp_path):
     assert torch.equal(got_logits, want_logits)
     assert_same_spikes(got, want)
     assert torch.equal(net(model.encoder(x)), got_logits)            # a [T, B, ...] sequence too
+    # against the unfolded model: the fold's float rounding may flip a rare spike, no more
+    unfolded_logits, unfolded = run(model, neurons(model), x)
+    flips = sum(int((got[name] != unfolded[name]).sum()) for name in want)
+    assert flips <= 1e-4 * sum(s.numel() for s in want.values())
+    assert torch.equal(got_logits.mean(0).argmax(-1), unfolded_logits.mean(0).argmax(-1))
 
 
 @pytest.mark.parametrize("key", MODELS)
@@ -139,6 +152,7 @@ def test_fold_bn_refuses_what_it_cannot_fold():
         fold_bn(stateless)
 
 
+@OTHER_DT
 @pytest.mark.parametrize("dt", [1.0, 1e-4])
 @pytest.mark.parametrize("neuron", NEURONS, ids=lambda n: "-".join(f"{k}={v:.3g}" if isinstance(v, float) else str(v)
                                                                 for k, v in n.items()))
@@ -164,6 +178,7 @@ def test_neuron_mapping_is_exact(neuron, dt, tmp_path):
     assert_same_spikes(got, want)
 
 
+@OTHER_DT
 def test_parameter_mapping_values():
     tau, dt = 4 / 3, 1e-3
     for decay_input, r in ((False, tau), (True, 1.0)):
@@ -178,6 +193,7 @@ def test_parameter_mapping_values():
 
 
 # ------------------------------------------------------------------ the file
+@OTHER_DT
 def test_file_states_dt_encoding_edges_and_zero_biases(tmp_path):
     model = create_model("resnet20", T=3, in_channels=1, width=0.25, norm="none")
     model.stem[0].conv.bias = model.head.fc.bias = None
@@ -192,7 +208,8 @@ def test_file_states_dt_encoding_edges_and_zero_biases(tmp_path):
     assert inputs["layer1.0.sn2"] == ["layer1.0.conv2.conv", "stem.sn1"]                    # identity shortcut
     assert inputs["layer2.0.sn2"] == ["layer2.0.conv2.conv", "layer2.0.downsample.conv"]    # projection
     assert list(graph.nodes["head.pool"].kernel_size) == [7, 7]
-    assert isinstance(graph.nodes["head.flatten"], nir.Flatten)
+    flatten = graph.nodes["head.flatten"]                   # negative dims: right with or without a batch dim
+    assert isinstance(flatten, nir.Flatten) and (flatten.start_dim, flatten.end_dim) == (-3, -1)
     assert np.array_equal(graph.nodes["head.fc"].bias, np.zeros(10, np.float32))
     net = from_nir(graph)
     x = torch.randn(2, 1, 28, 28)
@@ -215,11 +232,9 @@ def test_soft_reset_is_refused_and_nothing_is_written(tmp_path):
                                       ({"neuron": {"type": "relu"}}, "'stem.sn1' (ClampReLU)")])
 def test_layers_nir_cannot_express_are_named(kw, layer, tmp_path):
     model = create_model("resnet20", T=T, in_channels=3, width=0.125, **kw)
-    with pytest.raises(ValueError, match=re.escape(f"layer {layer} cannot be expressed in NIR")):
+    with pytest.raises(ValueError, match=re.escape(f"layer {layer} is not expressible in NIR; supported: Conv2d")):
         export_nir(model, tmp_path / "model.nir")
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(ValueError, match="takes a SpikingNet"):
-        to_nir(nn.Sequential(nn.Linear(2, 2)))
 
 
 def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
@@ -287,27 +302,179 @@ def test_import_refuses_unknown_nodes_cycles_and_missing_dt(tmp_path):
 
 
 # ------------------------------------------------------------------ snnTorch
-def test_snntorch_imports_our_file_with_the_same_spikes(tmp_path):
-    """snnTorch assumes dt = 1e-4, v_leak = 0, reset to zero: export LIF (tau 2, hard reset
-    to 0) with dt=1e-4. Its Flatten takes NIR's batch-free dims as torch dims, so batch 1."""
-    model = make("plain-8", width=0.125)
-    path = export_nir(model, tmp_path / "model.nir", dt=1e-4)
-    snn_net = import_from_nir(nir.read(path))
-    leaky = {name.replace("_", ".", 1): m for name, m in snn_net.named_modules() if isinstance(m, snn.Leaky)}
-    folded = fold_bn(model)
-    assert leaky.keys() == neurons(folded).keys()
-    for x in image("plain-8", batch=2).split(1):
-        for m in leaky.values():
-            m.reset_mem()
-        want_logits, want = run(folded, neurons(folded), x)
-        got = {name: [] for name in leaky}
-        hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: got[n].append(out)) for n, m in leaky.items()]
+def snntorch_run(snn_net: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """snnTorch's way: the net called once per step on the same static image (direct
+    encoding), membranes reset first; per-step logits and each ``Leaky``'s spikes
+    (keyed by our layer names: nirtorch writes dots as underscores)."""
+    leaky = {name: m for name, m in snn_net.named_modules() if isinstance(m, snn.Leaky)}
+    for m in leaky.values():
+        m.reset_mem()
+    got: dict[str, list[Tensor]] = {name: [] for name in leaky}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, n=n: got[n].append(out)) for n, m in leaky.items()]
+    try:
         with torch.no_grad():
             logits = torch.stack([snn_net(x)[0] for _ in range(T)])
+    finally:
         for h in hooks:
             h.remove()
-        assert_same_spikes({n: torch.stack(s) for n, s in got.items()}, want)
-        torch.testing.assert_close(logits, want_logits[:, 0], rtol=1e-5, atol=1e-5)
+    return logits, {name: torch.stack(spikes) for name, spikes in got.items()}
+
+
+@pytest.mark.parametrize("key", ["plain-8", "resnet20"])
+def test_snntorch_reads_the_default_file_as_our_model(key, tmp_path):
+    """The default export (no dt) through snnTorch 1.0's importer, which assumes dt = 1e-4,
+    v_leak = 0, reset to zero and a bias on Conv2d, on a batch of 4: the same predictions,
+    and the same spikes except where float rounding (its convolutions on [B, ...], ours on
+    [T*B, ...]) puts a membrane on the other side of the threshold."""
+    model = make(key, width=0.125)
+    snn_net = import_from_nir(nir.read(export_nir(model, tmp_path / "model.nir")))
+    folded, x = fold_bn(model), image(key, batch=4)
+    want_logits, want = run(folded, neurons(folded), x)
+    logits, got = snntorch_run(snn_net, x)
+    assert sorted(got) == sorted(name.replace(".", "_") for name in want)
+    flips = sum(int((got[name.replace(".", "_")] != spikes).sum()) for name, spikes in want.items())
+    assert all(spikes.sum() > 0 for spikes in want.values())
+    assert flips <= 1e-4 * sum(spikes.numel() for spikes in want.values()), flips
+    assert torch.equal(logits.mean(0).argmax(-1), want_logits.mean(0).argmax(-1))
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+@OTHER_DT
+def test_snntorch_misreads_another_dt_and_the_export_warns(tmp_path):
+    """What the warning is about: at dt = 1 snnTorch's importer still assumes 1e-4, so
+    beta = 1 - 1e-4/tau is almost 1 and the threshold is scaled by 1e-4: another network."""
+    model = make("plain-8", width=0.125)
+    with pytest.warns(NIRDtWarning, match=r"dt=1: snnTorch's importer assumes dt=1e-4 and will silently misread"):
+        path = export_nir(model, tmp_path / "model.nir", dt=1.0)
+    assert from_nir(path).dt == 1.0                                        # ours reads dt from the file
+    x = image("plain-8", batch=4)
+    with contextlib.redirect_stdout(io.StringIO()):                       # its weight-scaling prints
+        _, got = snntorch_run(import_from_nir(nir.read(path)), x)
+    folded = fold_bn(model)
+    _, want = run(folded, neurons(folded), x)
+    assert not torch.equal(got["stage1_sn1"], want["stage1.sn1"])
+    with pytest.raises(ValueError, match="must equal 1 or tau / dt"):     # SpikingJelly refuses it loudly
+        sj_import_from_nir(str(path))
+
+
+def test_default_export_does_not_warn(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_nir(make("plain-8", width=0.125), tmp_path / "model.nir")
+        to_nir(user_net(), input_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="dt must be a positive number, got 0"):
+        to_nir(make("plain-8", width=0.125), 0)
+
+
+# ------------------------------------------------------------------ SpikingJelly
+@pytest.mark.parametrize("key", ["plain-8", "resnet20-sew", "vgg11"])
+def test_spikingjelly_reads_the_default_file_as_our_model(key, tmp_path):
+    """SpikingJelly 2.0's importer (default dt = 1e-4; r = 1 or tau/dt, v_leak = v_reset)
+    in multi-step mode on [T, B, ...]: logits equal to the folded model's."""
+    model = make(key, width=0.125)
+    sj_net = sj_import_from_nir(str(export_nir(model, tmp_path / "model.nir")), step_mode="m")
+    x = image(key, batch=3)
+    with torch.no_grad():
+        logits, _state = sj_net(model.encoder(x).contiguous())
+        want = fold_bn(model)(x)
+    assert logits.shape == (T, 3, 10)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.mean(0).argmax(-1), want.mean(0).argmax(-1))
+
+
+# ------------------------------------------------------------------ a user's own network
+def user_net(encoder: bool = True) -> nn.Sequential:
+    """A network a user builds from spikegrad layers: encoder, SeqToANN(conv, BN), LIF,
+    pooling, flatten, linear; batch norms moved off identity by two training passes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(*[DirectEncoder(T)] * encoder,
+                        SeqToANN(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)),
+                        LIF(tau=2.0),
+                        SeqToANN(nn.AvgPool2d(2), nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)),
+                        LIF(tau=2.0, decay_input=True, v_threshold=0.5),
+                        SeqToANN(nn.AdaptiveAvgPool2d(2), nn.Flatten()),
+                        nn.Dropout(0.2),
+                        nn.Linear(64, 10))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.uniform_(m.weight, 0.8, 1.6)
+            nn.init.uniform_(m.bias, 0.0, 0.6)
+    net.train()
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(4, 1, 28, 28)
+            net(x if encoder else x.expand(T, *x.shape))
+    return net.eval()
+
+
+def test_a_users_own_network_exports_and_round_trips(tmp_path):
+    net = user_net()
+    path = export_nir(net, tmp_path / "mine.nir", input_shape=(1, 28, 28))
+    graph = nir.read(path)
+    assert [n for n in graph.nodes if n not in ("input", "output")] == ["1.0", "2", "3.0", "3.1", "4", "5.0", "5.1", "7"]
+    assert graph.metadata["model"] == "Sequential" and int(graph.metadata["time_steps"]) == T
+    assert graph.metadata["encoding"] == "direct"
+    loaded = from_nir(path)
+    x = image("plain-8", batch=3)
+    folded = fold_bn(net)
+    want_logits, want = run(folded, neurons(folded), x)
+    got_logits, got = run(loaded, {name: loaded.nodes[name] for name in want}, x)
+    assert_same_spikes(got, want)
+    # AdaptiveAvgPool2d is written as the AvgPool2d of the same windows: another summation order
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-6)
+    logits, _ = snntorch_run(import_from_nir(graph), x)                    # and snnTorch reads it too
+    assert torch.equal(logits.mean(0).argmax(-1), want_logits.mean(0).argmax(-1))
+    torch.testing.assert_close(logits, want_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_users_network_without_encoder_takes_sequences(tmp_path):
+    net = user_net(encoder=False)
+    loaded = from_nir(export_nir(net, tmp_path / "mine.nir", input_shape=[1, 28, 28]))
+    assert loaded.T is None and "time_steps" not in loaded.metadata
+    seq = image("plain-8", batch=2).expand(T, 2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(seq), fold_bn(net)(seq), rtol=0, atol=1e-6)
+
+
+class _OwnForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = SeqToANN(nn.Conv2d(1, 4, 3))
+        self.sn = LIF()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.sn(self.conv(x))
+
+
+@pytest.mark.parametrize("net,kw,message", [
+    (nn.Sequential(DirectEncoder(T), _OwnForward()), {"input_shape": (1, 8, 8)},
+     r"^layer '1' \(_OwnForward\) is a module with its own forward\(\), which to_nir cannot follow; build"),
+    (nn.Sequential(DirectEncoder(T), SeqToANN(nn.Flatten(0)), nn.Linear(64, 2), LIF()), {"input_shape": (1, 8, 8)},
+     r"^layer '1.0' \(Flatten\) flattens dims 0..-1 of \[T\*B, ...\] \(inside SeqToANN\), which reaches the time"),
+    (nn.Sequential(SeqToANN(nn.MaxPool2d(2)), LIF()), {"input_shape": (1, 8, 8)},
+     r"^layer '0.0' \(MaxPool2d\) is not expressible in NIR; supported: Conv2d"),
+    (nn.Sequential(nn.Linear(4, 2), LIF(), DirectEncoder(T)), {"input_shape": (4,)},
+     r"^layer '2' \(DirectEncoder\) is an encoder after other layers"),
+    (nn.Sequential(nn.Linear(4, 2)), {"input_shape": (4,)}, r"has no spiking neuron"),
+    (nn.Sequential(nn.Linear(4, 2), LIF()), {}, r"^to_nir needs input_shape= for a Sequential"),
+    (nn.Sequential(nn.Linear(4, 2), LIF()), {"input_shape": 4}, r"^input_shape must be the per-step shape"),
+    ("not a module", {}, r"takes a spiking network \(an nn.Module\), got str"),
+])
+def test_a_users_network_nir_cannot_express_is_named(net, kw, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        export_nir(net, tmp_path / "mine.nir", **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nirnet_names_layers_as_the_exported_model(tmp_path):
+    """eval and the monitors see NIRNet's modules; layer_name gives back the model's names."""
+    model = make("plain-8", width=0.125, neuron={"tau": 2.0, "decay_input": True, "v_reset": 0.1})
+    net = from_nir(export_nir(model, tmp_path / "model.nir"))
+    with monitor.FiringRates(net) as rates, torch.no_grad():
+        net(image("plain-8"))
+    names = [net.layer_name(name) for name in rates.rates()]
+    assert names == [name for name, _ in neuron_layers(model)]
+    assert net.layer_name("layers.head_fc") == "head.fc" and net.layer_name("encoder") == "encoder"
 
 
 def snntorch_mlp(alpha: float) -> nn.Sequential:

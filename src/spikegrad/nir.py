@@ -10,20 +10,26 @@ update exactly (docs/nir.md derives the mapping):
     decay_input=True:   tau = tau_steps * dt,  r = 1,          v_leak = v_reset
     IF:                 r = 1 / dt
 
-Batch norm is folded into the preceding convolution or linear layer (``fold_bn``),
+The default ``dt`` is 1e-4, the step snnTorch's and SpikingJelly's importers assume, so
+they read the default file as our model; another ``dt`` warns (``NIRDtWarning``).
+Registry models and users' own networks of spikegrad layers in ``nn.Sequential``
+containers are exported. Batch norm is folded into the preceding convolution or linear layer (``fold_bn``),
 residual additions become several edges into one node (NIR sums a node's inputs),
 and the head's global average pooling becomes ``AvgPool2d`` over the whole map, then
 ``Flatten`` and ``Affine``. Per-step shapes exclude time and batch (``[C, H, W]``).
 
 ``from_nir`` builds a ``NIRNet`` from such a graph (and from the common primitives
-other libraries write) out of spikegrad's own layers and neurons, so a round trip
-spikegrad -> NIR -> spikegrad gives bit-identical spikes and logits.
+other libraries write) out of spikegrad's own layers and neurons. A round trip
+spikegrad -> NIR -> spikegrad gives spikes and logits bit-identical to the folded model
+(``fold_bn(model)``); against the unfolded model, the fold's float rounding can flip
+the rare spike whose membrane lies within rounding of the threshold.
 """
 from __future__ import annotations
 
 import copy
 import functools
 import math
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -40,12 +46,15 @@ except ImportError as err:  # the optional extra
 
 from . import __version__
 from .checkpoint import atomic_write
-from .layers import ENCODERS, AvgPool2x2, Head, SeqToANN
+from .layers import ENCODERS, AvgPool2x2, Head, SeqToANN, _Encoder
 from .models import SpikingNet
 from .models.resnet import BasicBlock
 from .neuron import IF, LIF, BaseNeuron
+from .shortcut import ShortcutNet
 
-__all__ = ["fold_bn", "to_nir", "export_nir", "from_nir", "NIRNet"]
+__all__ = ["fold_bn", "to_nir", "export_nir", "from_nir", "NIRNet", "NIRDtWarning", "DEFAULT_DT"]
+
+DEFAULT_DT = 1e-4  # the step snnTorch's and SpikingJelly's NIR importers assume
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _FOLDS_INTO = (nn.Conv2d, nn.Linear)
@@ -180,14 +189,23 @@ def _out_shape(node: nir.NIRNode, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _Tracer:
-    """Walks a BN-free ``SpikingNet`` in forward order and records NIR nodes and edges."""
+    """Walks a BN-free network in forward order and records NIR nodes and edges.
 
-    SUPPORTED = "Conv2d, Linear, 2x2 average pooling, LIF/IF/PLIF (hard reset), BasicBlock, Head"
+    It follows spikegrad's registry models and blocks (``SpikingNet``, ``BasicBlock``,
+    ``Head``) and ``nn.Sequential`` containers (``SeqToANN``, ``ConvBN``, a user's own
+    ``nn.Sequential``); ``flat`` is True inside a ``SeqToANN``, where tensors are
+    ``[T*B, ...]`` instead of ``[T, B, ...]`` (it matters to ``nn.Flatten``'s dims).
+    """
+
+    SUPPORTED = ("Conv2d, Linear, AvgPool2d, AdaptiveAvgPool2d (whole windows), Flatten, Dropout, "
+                 "Identity, LIF/IF/PLIF (hard reset), an encoder first, SeqToANN and other "
+                 "nn.Sequential containers, BasicBlock, Head")
 
     def __init__(self, dt: float) -> None:
         self.dt = dt
         self.nodes: dict[str, nir.NIRNode] = {}
         self.edges: list[tuple[str, str]] = []
+        self.encoder: _Encoder | None = None
 
     def add(self, name: str, node: nir.NIRNode, x: _Value) -> _Value:
         """Record ``node`` fed by ``x``'s sources; returns its output."""
@@ -195,17 +213,21 @@ class _Tracer:
         self.edges += [(src, name) for src in x.sources]
         return _Value((name,), _out_shape(node, x.shape))
 
-    def trace(self, module: nn.Module, name: str, x: _Value) -> _Value:
+    def trace(self, module: nn.Module, name: str, x: _Value, flat: bool = False) -> _Value:
         """``module`` (qualified ``name``) applied to ``x``."""
-        for kind, method in ((SpikingNet, self._net), (BasicBlock, self._block), (Head, self._head),
-                             (nn.Sequential, self._sequence)):
+        for kind, method in ((SpikingNet, self._net), (BasicBlock, self._block), (Head, self._head)):
             if isinstance(module, kind):
                 return method(module, name, x)
-        if isinstance(module, nn.Identity) or (isinstance(module, AvgPool2x2) and min(x.shape[-2:]) < 2):
+        if isinstance(module, nn.Sequential):
+            return self._sequence(module, name, x, flat or isinstance(module, SeqToANN))
+        if isinstance(module, _Encoder):
+            return self._encoder(module, name, x)
+        if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d)) or (
+                isinstance(module, AvgPool2x2) and min(x.shape[-2:]) < 2):
             return x
-        return self.add(name, self._leaf(module, name, x.shape), x)
+        return self.add(name, self._leaf(module, name, x.shape, flat), x)
 
-    def _leaf(self, module: nn.Module, name: str, shape: tuple[int, ...]) -> nir.NIRNode:
+    def _leaf(self, module: nn.Module, name: str, shape: tuple[int, ...], flat: bool) -> nir.NIRNode:
         """The NIR node of one layer; anything else is refused, naming the layer."""
         if isinstance(module, BaseNeuron):
             return _neuron_to_nir(module, name, shape, self.dt)
@@ -215,18 +237,35 @@ class _Tracer:
             return _linear_to_nir(module)
         if isinstance(module, AvgPool2x2):
             return _avg_pool((2, 2), (2, 2), (0, 0))
-        raise ValueError(f"layer {name!r} ({type(module).__name__}) cannot be expressed in NIR; "
-                         f"supported: {self.SUPPORTED}")
+        if isinstance(module, nn.AvgPool2d):
+            return _avg_pool_to_nir(module, name)
+        if isinstance(module, nn.AdaptiveAvgPool2d):
+            return _adaptive_pool_to_nir(module, name, shape)
+        if isinstance(module, nn.Flatten):
+            return _flatten_to_nir(module, name, shape, flat)
+        what = ("a module with its own forward(), which to_nir cannot follow; build the network from "
+                "nn.Sequential containers (SeqToANN for stateless layers) of"
+                if next(module.children(), None) is not None else "not expressible in NIR; supported:")
+        raise ValueError(f"layer {name!r} ({type(module).__name__}) is {what} {self.SUPPORTED}")
 
-    def _sequence(self, seq: nn.Sequential, name: str, x: _Value) -> _Value:
+    def _sequence(self, seq: nn.Sequential, name: str, x: _Value, flat: bool) -> _Value:
         for child, module in seq.named_children():
-            x = self.trace(module, f"{name}.{child}" if name else child, x)
+            x = self.trace(module, f"{name}.{child}" if name else child, x, flat)
+        return x
+
+    def _encoder(self, encoder: _Encoder, name: str, x: _Value) -> _Value:
+        """An encoder is graph metadata (T, encoding), not a node: only first in the network."""
+        if x.sources != ("input",) or self.encoder is not None:
+            raise ValueError(f"layer {name!r} ({type(encoder).__name__}) is an encoder after other layers; "
+                             "an encoder can only come first (it becomes the graph's metadata)")
+        self.encoder = encoder
         return x
 
     def _net(self, net: SpikingNet, name: str, x: _Value) -> _Value:
         """encoder (graph metadata, not a node) -> stem -> stages -> head."""
+        x = self._encoder(net.encoder, f"{name}.encoder" if name else "encoder", x)
         for part in ("stem", *net.all_stages, "head"):
-            x = self.trace(getattr(net, part), part, x)
+            x = self.trace(getattr(net, part), f"{name}.{part}" if name else part, x)
         return x
 
     def _block(self, block: BasicBlock, name: str, x: _Value) -> _Value:
@@ -242,7 +281,7 @@ class _Tracer:
         """Global average pooling = ``AvgPool2d`` over the whole map, then ``Flatten``, hidden, ``fc``."""
         size = x.shape[1:]
         x = self.add(f"{name}.pool", _avg_pool(size, size, (0, 0)), x)
-        x = self.add(f"{name}.flatten", nir.Flatten({"input": np.array(x.shape)}, start_dim=0, end_dim=-1), x)
+        x = self.add(f"{name}.flatten", _flatten(x.shape, 0, len(x.shape) - 1), x)
         if head.hidden is not None:
             x = self.trace(head.hidden, f"{name}.hidden", x)
         return self.trace(head.fc, f"{name}.fc", x)
@@ -253,58 +292,158 @@ class _Tracer:
         return nir.NIRGraph(nodes=self.nodes, edges=self.edges, metadata=metadata)
 
 
-def _input_size(model: SpikingNet, input_size: int | tuple[int, int] | None) -> tuple[int, int]:
-    """``(H, W)``: as given, else 28x28 for one channel (Fashion-MNIST) and 32x32 otherwise (CIFAR)."""
+def _avg_pool_to_nir(pool: nn.AvgPool2d, name: str) -> nir.AvgPool2d:
+    """``nn.AvgPool2d`` -> ``nir.AvgPool2d`` (floor mode, padding counted in the mean)."""
+    if pool.ceil_mode or pool.divisor_override is not None or (
+            not pool.count_include_pad and _pair_of(pool.padding) != (0, 0)):
+        raise ValueError(f"layer {name!r} (AvgPool2d) uses ceil_mode, divisor_override or "
+                         "count_include_pad=False, which NIR's AvgPool2d cannot express")
+    kernel = _pair_of(pool.kernel_size)
+    return _avg_pool(kernel, _pair_of(pool.stride if pool.stride is not None else kernel), _pair_of(pool.padding))
+
+
+def _adaptive_pool_to_nir(pool: nn.AdaptiveAvgPool2d, name: str, shape: tuple[int, ...]) -> nir.AvgPool2d:
+    """``nn.AdaptiveAvgPool2d`` -> ``nir.AvgPool2d`` when its windows tile the map exactly."""
+    size = shape[-2:]
+    out = tuple(s if o is None else o for s, o in zip(size, _pair_of(pool.output_size)))
+    if any(s % o for s, o in zip(size, out)):
+        raise ValueError(f"layer {name!r} (AdaptiveAvgPool2d) maps {size[0]}x{size[1]} to {out[0]}x{out[1]}: "
+                         "windows of unequal size, which NIR's AvgPool2d cannot express")
+    kernel = tuple(s // o for s, o in zip(size, out))
+    return _avg_pool(kernel, kernel, (0, 0))
+
+
+def _flatten_to_nir(flatten: nn.Flatten, name: str, shape: tuple[int, ...], flat: bool) -> nir.Flatten:
+    """``nn.Flatten`` on ``[T*B, ...]`` (inside ``SeqToANN``) or ``[T, B, ...]`` -> per-step dims."""
+    lead = 1 if flat else 2
+    dims = []
+    for d in (flatten.start_dim, flatten.end_dim):
+        d = d - lead if d >= 0 else d + len(shape)
+        if not 0 <= d < len(shape):
+            where = "[T*B, ...] (inside SeqToANN)" if flat else "[T, B, ...]"
+            raise ValueError(f"layer {name!r} (Flatten) flattens dims {flatten.start_dim}..{flatten.end_dim} "
+                             f"of {where}, which reaches the time or batch dimension")
+        dims.append(d)
+    return _flatten(shape, *dims)
+
+
+def _flatten(shape: tuple[int, ...], start: int, end: int) -> nir.Flatten:
+    """``nir.Flatten`` of the per-step dims ``start..end``, written as negative dims: NIR's dims
+    exclude the batch, and negative ones mean the same whether an importer adds a batch
+    dimension (SpikingJelly, nirtorch) or hands them to ``torch.nn.Flatten`` as they are (snnTorch)."""
+    n = len(shape)
+    return nir.Flatten({"input": np.array(shape)}, start_dim=start - n, end_dim=end - n)
+
+
+def _pair_of(value: int | tuple[int, ...] | None) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) or value is None else tuple(value)
+
+
+def _input_shape(model: nn.Module, input_size: int | tuple[int, int] | None,
+                 input_shape: tuple[int, ...] | None) -> tuple[int, ...]:
+    """Per-step shape of one sample: a registry model's ``(C, H, W)`` (``input_size`` = ``(H, W)``,
+    default 28x28 for one channel, else 32x32), or a user network's ``input_shape``."""
+    if input_shape is not None:
+        if input_size is not None:
+            raise ValueError("pass input_size (H, W) or input_shape (C, H, W), not both")
+        shape = tuple(input_shape) if isinstance(input_shape, (tuple, list, torch.Size)) else None
+        if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+            raise ValueError(f"input_shape must be the per-step shape of one sample, such as (1, 28, 28) "
+                             f"or (784,), got {input_shape!r}")
+        if isinstance(model, SpikingNet) and (len(shape) != 3 or shape[0] != model.in_channels):
+            raise ValueError(f"input_shape must be ({model.in_channels}, H, W) for this model, got {shape}")
+        return shape
+    if not isinstance(model, SpikingNet):
+        raise ValueError(f"to_nir needs input_shape= for a {type(model).__name__}: the per-step shape of "
+                         "one sample without time and batch, such as (1, 28, 28)")
     if input_size is None:
-        return (28, 28) if model.in_channels == 1 else (32, 32)
+        return (model.in_channels, *((28, 28) if model.in_channels == 1 else (32, 32)))
     size = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
     if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
         raise ValueError(f"input_size must be a positive int or (H, W), got {input_size!r}")
-    return size
+    return (model.in_channels, *size)
 
 
-def _metadata(model: SpikingNet, dt: float) -> dict[str, Any]:
+_ENCODING_TEXT = {"direct": "direct encoding: the static image is repeated at each of the T steps",
+                  "poisson": "Poisson encoding: at each step, spikes drawn with the pixel values as probabilities"}
+
+
+def _metadata(model: nn.Module, encoder: _Encoder | None, dt: float) -> dict[str, Any]:
     """What the graph alone cannot say: the step, the encoding and how to read the output."""
-    encoding = model.config.get("encoding", "direct")
-    how = {"direct": "direct encoding: the static image is repeated at each of the T steps",
-           "poisson": "Poisson encoding: at each step, spikes drawn with the pixel values as probabilities"}
-    return {
-        "dt": float(dt), "time_steps": int(model.T), "encoding": encoding, "input": how[encoding],
-        "output": "per-step logits; the prediction is the argmax of their mean over the T steps",
+    meta: dict[str, Any] = {"dt": float(dt)}
+    if encoder is not None:
+        encoding = next(key for key, kind in ENCODERS.items() if isinstance(encoder, kind))
+        meta.update(time_steps=int(encoder.T), encoding=encoding, input=_ENCODING_TEXT[encoding])
+    else:
+        meta["input"] = "a sequence: one input per time step (the network has no encoder)"
+    if isinstance(model, SpikingNet):
+        meta["output"] = "per-step logits; the prediction is the argmax of their mean over the T steps"
+        name = str(model.config.get("name", ""))
+    else:
+        meta["output"] = "the last layer's per-step output"
+        name = type(model).__name__
+    meta.update({
         "spike_condition": "spike when v >= v_threshold, then v = v_reset in the same step",
         "discretisation": "forward Euler with step dt, input held constant over the step",
-        "generator": f"spikegrad {__version__}", "model": str(model.config.get("name", "")),
-    }
+        "generator": f"spikegrad {__version__}", "model": name,
+    })
+    return meta
 
 
-def to_nir(model: SpikingNet, dt: float = 1.0, *, input_size: int | tuple[int, int] | None = None
-           ) -> nir.NIRGraph:
-    """The NIR graph of a registry model (``create_model``), batch norm folded.
+class NIRDtWarning(UserWarning):
+    """An export whose ``dt`` other simulators' NIR importers will not assume."""
 
-    Per-step input ``[C, H, W]`` (``input_size`` = ``(H, W)``, default 28x28 for one
-    channel, else 32x32); output: per-step logits ``[num_classes]``. ``dt`` is the step
-    the continuous-time neuron parameters are written for (snnTorch's importer assumes
-    ``dt=1e-4``). A layer NIR cannot express raises one ``ValueError`` naming it.
-    """
-    if not isinstance(model, SpikingNet):
-        raise ValueError(f"to_nir takes a SpikingNet from create_model, got {type(model).__name__} "
-                         "(for a ShortcutNet, export it first: net.export())")
+
+def _check_dt(dt: Any, warn: bool) -> float:
     if not (isinstance(dt, (int, float)) and not isinstance(dt, bool) and dt > 0 and math.isfinite(dt)):
         raise ValueError(f"dt must be a positive number, got {dt!r}")
-    shape = (model.in_channels, *_input_size(model, input_size))
-    tracer = _Tracer(float(dt))
+    if warn and not math.isclose(dt, DEFAULT_DT, rel_tol=1e-9):
+        warnings.warn(NIRDtWarning(
+            f"NIR export with dt={dt:g}: snnTorch's importer assumes dt=1e-4 and will silently "
+            f"misread the neurons (SpikingJelly's needs import_from_nir(..., dt={dt:g})); "
+            "the default dt=1e-4 is read correctly by both"), stacklevel=3)
+    return float(dt)
+
+
+def to_nir(model: nn.Module, dt: float = DEFAULT_DT, *, input_size: int | tuple[int, int] | None = None,
+           input_shape: tuple[int, ...] | None = None) -> nir.NIRGraph:
+    """The NIR graph of a spiking network, batch norm folded (``fold_bn``).
+
+    ``model``: a registry model (``create_model``; per-step input ``[C, H, W]`` with
+    ``input_size`` = ``(H, W)``, default 28x28 for one channel, else 32x32), or your own
+    network of spikegrad layers in ``nn.Sequential`` containers (``SeqToANN`` around
+    stateless layers, ``LIF``/``IF``/``PLIF``, ``nn.Linear``, optionally an encoder
+    first), with ``input_shape`` its per-step input shape of one sample, e.g. ``(1, 28, 28)``.
+
+    ``dt``: the step the continuous-time neuron parameters are written for. The default,
+    1e-4, is what snnTorch's and SpikingJelly's importers assume; any other value warns
+    (``NIRDtWarning``), since snnTorch would silently misread it. A layer NIR cannot
+    express raises one ``ValueError`` naming it.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"to_nir takes a spiking network (an nn.Module), got {type(model).__name__}")
+    if isinstance(model, ShortcutNet):
+        raise ValueError("to_nir takes the inference model; for a ShortcutNet call its export() "
+                         "first (net.export())")
+    dt = _check_dt(dt, warn=True)
+    shape = _input_shape(model, input_size, input_shape)
+    tracer = _Tracer(dt)
     tracer.nodes["input"] = nir.Input(np.array(shape))
-    return tracer.graph(tracer.trace(fold_bn(model), "", _Value(("input",), shape)), _metadata(model, dt))
+    out = tracer.trace(fold_bn(model), "", _Value(("input",), shape))
+    if not any(isinstance(node, (nir.LIF, nir.IF)) for node in tracer.nodes.values()):
+        raise ValueError(f"{type(model).__name__} has no spiking neuron (LIF, IF, PLIF): nothing for NIR to simulate")
+    return tracer.graph(out, _metadata(model, tracer.encoder, dt))
 
 
-def export_nir(model: SpikingNet, path: str | Path, dt: float = 1.0, *,
-               input_size: int | tuple[int, int] | None = None) -> Path:
-    """Write ``to_nir(model, dt, input_size=...)`` to ``path`` (HDF5, ``nir.write``) atomically.
+def export_nir(model: nn.Module, path: str | Path, dt: float = DEFAULT_DT, *,
+               input_size: int | tuple[int, int] | None = None,
+               input_shape: tuple[int, ...] | None = None) -> Path:
+    """Write ``to_nir(model, dt, ...)`` to ``path`` (HDF5, ``nir.write``) atomically.
 
     The graph is built first, so a refused layer leaves no file; the file is written to
     a temporary name in the same folder, fsynced, then renamed over ``path``.
     """
-    graph = to_nir(model, dt, input_size=input_size)
+    graph = to_nir(model, dt, input_size=input_size, input_shape=input_shape)
     return atomic_write(path, lambda tmp: nir.write(tmp, graph))
 
 
@@ -515,7 +654,8 @@ class NIRNet(nn.Module):
     ``time_steps`` and an ``encoding`` (spikegrad files do), a static ``[B, *input_shape]``
     that is encoded to ``[T, B, ...]`` as the exporting model did. A node with several
     inputs gets their sum. Attributes: ``input_shape``, ``T`` (or None), ``dt``,
-    ``metadata`` and ``nodes`` (NIR node name -> layer, in execution order).
+    ``metadata`` and ``nodes`` (NIR node name -> layer, in execution order);
+    ``layer_name`` maps a sub-module name back to its NIR node name.
     """
 
     def __init__(self, graph: nir.NIRGraph, dt: float) -> None:
@@ -537,6 +677,16 @@ class NIRNet(nn.Module):
     def nodes(self) -> dict[str, nn.Module]:
         """NIR node name -> its spikegrad layer, in execution order."""
         return {name: self.layers[_key(name)] for name in self.order}
+
+    def layer_name(self, module_name: str) -> str:
+        """The NIR node name (for spikegrad's files: the exported model's own layer name) of a
+        sub-module name of this net, e.g. ``layers.stage1_sn1`` or ``layers.stage1_sn1.neuron``
+        -> ``stage1.sn1``; a name outside ``layers`` is returned as it is."""
+        parts = module_name.split(".")
+        by_key = {_key(name): name for name in self.order}
+        if len(parts) > 1 and parts[0] == "layers" and parts[1] in by_key:
+            return by_key[parts[1]]
+        return module_name
 
     def _sequence(self, x: Tensor) -> Tensor:
         """``x`` as ``[T, B, *input_shape]``."""
