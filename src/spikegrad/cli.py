@@ -65,8 +65,18 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     summary = ops.summary()
     print(f"test accuracy: {result['acc']:.2f}% on {len(dataset)} {name} images "
           f"(loss {result['loss']:.4f})")
+    run_limit = data.get("limit_test") if "config" in state and not args.data else None
+    if run_limit is not None and args.limit is None:  # then dataset is the whole test set
+        run_limit = min(run_limit, len(dataset))
+    if run_limit is not None and run_limit != len(dataset):
+        print(f"  the run's own test accuracy (metrics.jsonl, report.md) used the first {run_limit} "
+              f"images (data.limit_test); this eval used {len(dataset)}")
+    elif "config" in state and run_limit is None and args.limit is not None and not args.data:
+        print(f"  the run's own test accuracy (metrics.jsonl, report.md) used the whole test set; "
+              f"this eval used the first {len(dataset)} (--limit)")
+    layer_name = getattr(model, "layer_name", str)  # a .nir: the exported model's own layer names
     for layer, rate in rates.rates().items():
-        print(f"  firing rate {layer}: {rate:.4f}")
+        print(f"  firing rate {layer_name(layer)}: {rate:.4f}")
     print(f"synaptic operations per sample: {summary['sops']:.4g} SOPs + {summary['macs']:.4g} MACs "
           f"(ANN twin: {summary['ann_macs']:.4g} MACs)")
 
@@ -80,9 +90,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ValueError(f"export format is chosen by the suffix; expected .pt or .nir, got {out.name!r}")
     model, objective, state = load_inference_model(args.checkpoint)
     if out.suffix == ".nir":
+        import warnings
+
         from .nir import export_nir
 
-        export_nir(model, out, dt=args.dt, input_size=args.input_size)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            export_nir(model, out, dt=args.dt, input_size=args.input_size)
+        for warning in caught:
+            print(f"spikegrad: warning: {warning.message}", file=sys.stderr)
         print(f"wrote {out} (NIR graph, batch norm folded, dt={args.dt:g}, T={model.T})")
         return
     checkpoint.save(model_file(model, state["model_name"], state["model_kwargs"], objective), out)
@@ -153,9 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("export", help="write the inference-only model")
     ex.add_argument("checkpoint")
     ex.add_argument("out", help="output file: .pt (spikegrad model) or .nir (NIR graph)")
-    ex.add_argument("--dt", type=float, default=1.0,
-                    help="time step the NIR neuron parameters are written for "
-                         "(snnTorch's importer assumes 1e-4)")
+    ex.add_argument("--dt", type=float, default=1e-4,
+                    help="time step the NIR neuron parameters are written for (default 1e-4: what "
+                         "snnTorch's and SpikingJelly's importers assume; another value warns)")
     ex.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                     help="image size for .nir (default 28x28 for 1 channel, else 32x32)")
     ex.set_defaults(func=_cmd_export)
