@@ -533,4 +533,4 @@ def test_trained_model_keeps_its_accuracy_through_nir(tmp_path, monkeypatch):
         exec(compile(block, str(DOCS), "exec"), ns)
     assert ns["before"] > 20, "the example should learn something (chance is 10%)"
     assert ns["after"] == ns["before"]
-    assert ns["snn_prediction"] == ns["our_prediction"]
+    assert ns["agree"] == 100
