@@ -11,9 +11,10 @@ WORKERS ?= 2
 train: setup data
 	$(PY) -m spikegrad train --config configs/default.yaml --overwrite
 
-# pytest-xdist workers (one torch thread each), whole test modules per worker
+# pytest-xdist workers (one torch thread each), whole test modules per worker; a worker
+# that dies ends the run with the test it was running (no replacement worker to hang on)
 test: setup data
-	$(PY) -m pytest -n $(WORKERS) --dist loadscope
+	$(PY) -m pytest -n $(WORKERS) --dist loadscope --max-worker-restart=0
 
 bench: setup
 	$(PY) -m spikegrad bench step --threads 1 --out runs/bench

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses, neuron, surrogate as sg
-from .layers import Head
+from .layers import Head, compile_model
 from .models import create_model, list_models
 from .shortcut import ShortcutNet
 
@@ -360,7 +360,7 @@ def build_net(setup: Setup, case: Case) -> nn.Module:
         peer = {"spikingjelly": SpikingJellyNet, "snntorch": SnnTorchNet}[case.net]
         net = peer(setup.model, case.T, setup.width)
     net = ShortcutNet(net) if case.shortcut else net  # type: ignore[arg-type]  # a PeerNet quacks like one
-    return torch.compile(net, dynamic=False) if setup.compile else net  # fixed shapes: no symbolic recompiles
+    return compile_model(net, dynamic=False) if setup.compile else net  # fixed shapes: no symbolic recompiles
 
 
 def _training_step(net: nn.Module, shortcut: bool, x: Tensor, y: Tensor) -> Callable[[], None]:

@@ -21,7 +21,8 @@ from .surrogate import Surrogate
 __all__ = [
     "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
     "NEURON_DEFAULTS", "NEURON_TYPES", "neuron_config", "make_neuron", "ClampReLU",
-    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "ConvBN", "conv_bn", "AvgPool2x2",
+    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "UNSAFE_1X1_MAX_IN_CHANNELS",
+    "channels_last_is_safe", "compile_model", "ConvBN", "conv_bn", "AvgPool2x2",
     "SpikingConvStack", "spiking_conv_stack", "Head",
 ]
 
@@ -181,21 +182,49 @@ def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 # oneDNN's channels-last convolutions win on CPU from 8x8 maps up and lose on smaller ones
 # (512 channels at 4x4: 1.4x slower than contiguous; docs/performance.md)
 CHANNELS_LAST_MIN_PIXELS = 64
+# oneDNN 3.x (inside torch 2.13) corrupts the heap in the channels-last weight gradient of
+# strided 1x1 convolutions with 2 to 7 input channels on AVX2 CPUs; the margin covers a
+# 16-float SIMD width (docs/performance.md, "Convolutions oneDNN must not run channels-last")
+UNSAFE_1X1_MAX_IN_CHANNELS = 15
+
+
+def channels_last_is_safe(conv: nn.Conv2d) -> bool:
+    """Whether oneDNN may run ``conv`` channels-last on a CPU: False for strided 1x1
+    convolutions of at most ``UNSAFE_1X1_MAX_IN_CHANNELS`` input channels."""
+    strided_1x1 = tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) != (1, 1)
+    return not (strided_1x1 and conv.in_channels <= UNSAFE_1X1_MAX_IN_CHANNELS)
 
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` on ``[N, C, H, W]`` that, when ``channels_last`` (``create_model`` sets it),
     runs channels-last on CPU maps of at least ``CHANNELS_LAST_MIN_PIXELS`` pixels and
-    contiguous on smaller ones; the output keeps that layout. Same parameters and values."""
+    contiguous on smaller ones; the output keeps that layout. Same parameters and values.
+
+    A convolution oneDNN cannot run channels-last safely (``channels_last_is_safe``) runs
+    contiguous on CPU whatever the flag and the input's layout.
+    """
 
     channels_last = False
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, C_in, H, W]`` -> ``[N, C_out, H', W']``."""
-        if self.channels_last and x.device.type == "cpu" and x.dim() == 4:
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        if not channels_last_is_safe(self):
+            weight = self.weight.contiguous()  # oneDNN goes channels-last if either operand is
+            return self._conv_forward(relayout(x, torch.contiguous_format), weight, self.bias)
+        if self.channels_last:
             large = x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
             x = relayout(x, torch.channels_last if large else torch.contiguous_format)
         return super().forward(x)
+
+
+def compile_model(model: nn.Module, **kwargs: Any) -> nn.Module:
+    """``torch.compile(model, **kwargs)`` with inductor's layout optimisation off: on CPU it
+    would run every convolution channels-last, the unsafe ones too; spikegrad's ``Conv2d``
+    layers choose each convolution's layout instead. Same call and outputs as the model."""
+    options = {"layout_optimization": False, **kwargs.pop("options", {})}
+    return torch.compile(model, options=options, **kwargs)
 
 
 class ConvBN(SeqToANN):

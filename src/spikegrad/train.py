@@ -22,7 +22,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import __version__, checkpoint, distributed, losses, methods, monitor
+from . import __version__, checkpoint, distributed, layers, losses, methods, monitor
 from . import surrogate as sg
 from .config import Config, ConfigError, from_dict, to_dict
 from .data import create_dataset, make_loader
@@ -188,7 +188,7 @@ class Trainer:
             self._load(checkpoint.load(last_checkpoint(self.run_dir), kind="run"))
         self.runner = distributed.wrap(self.net, self.world, self.device, cfg.sync_bn)
         if cfg.compile:
-            self.runner = torch.compile(self.runner)
+            self.runner = layers.compile_model(self.runner)
 
     # ----------------------------------------------------------------- set-up
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> None:
