@@ -1,11 +1,16 @@
 """Figures of a run, drawn from its ``metrics.jsonl`` (DESIGN.md, "Precise contract").
 
 ``plot_run(run_dir)`` writes ``run_dir/plots/``: ``curves.png`` (accuracy, loss, and the
-balance coefficient lambda when logged), ``grad_norms.png`` (per-layer gradient norm, shallow to
-deep, one line per epoch, and its ratio to the last layer's: the gradient-vanishing diagnosis)
-and ``firing_rates.png``. ``plot_compare`` puts several runs side by side (vanilla, shortcut,
-evolutionary); ``plot_sweep`` draws an ablation repeated over the values of one key. Figures are drawn on ``matplotlib.figure.Figure`` with the Agg renderer: no
-pyplot, no global backend switch, safe in a training process.
+balance coefficient lambda when logged, per step where step records hold it),
+``grad_norms.png`` (per-layer gradient norm, shallow to deep, one line per epoch, and its
+ratio to the last layer's: the gradient-vanishing diagnosis), ``firing_rates.png`` and
+``steps.png`` (the per-step records: loss, learning rate, lambda). ``plot_compare`` puts
+several runs side by side (vanilla, shortcut, evolutionary), labelled by name and method;
+``plot_sweep`` draws an ablation repeated over the values of one key. Accuracy axes are in
+percent, epoch axes take integer ticks, and test and train differ in colour (one run) or
+marker (several runs), not only in line style. Figures are drawn on
+``matplotlib.figure.Figure`` with the Agg renderer: no pyplot, no global backend switch,
+safe in a training process.
 """
 from __future__ import annotations
 
@@ -16,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 __all__ = ["read_metrics", "plot_run", "plot_compare", "plot_sweep"]
 
@@ -51,15 +57,37 @@ def read_metrics(path: PathLike) -> Records:
     return records
 
 
-def _epochs(run_dir: PathLike) -> Records:
-    """A run's epoch records sorted by epoch; of a repeated epoch (a resumed run), the last."""
+def _records(run_dir: PathLike) -> Records:
+    """A run's ``metrics.jsonl`` records; ``FileNotFoundError`` naming it when there is none."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics file (is {run_dir} a spikegrad run?)")
-    by_epoch = {r["epoch"]: r for r in read_metrics(path) if r.get("kind") == "epoch"}
+    return read_metrics(path)
+
+
+def _epochs(run_dir: PathLike, records: Records | None = None) -> Records:
+    """A run's epoch records sorted by epoch; of a repeated epoch (a resumed run), the last."""
+    records = _records(run_dir) if records is None else records
+    by_epoch = {r["epoch"]: r for r in records if r.get("kind") == "epoch"}
     if not by_epoch:
-        raise ValueError(f"{path}: no epoch records yet, nothing to plot")
+        raise ValueError(f"{Path(run_dir) / 'metrics.jsonl'}: no epoch records yet, nothing to plot")
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _steps(records: Records) -> Records:
+    """The step records that carry values, sorted by step; of a repeated step (a resumed run
+    logs the steps after its checkpoint again), the last. Skipped-step notes are left out."""
+    by_step = {r["step"]: r for r in records
+               if r.get("kind") == "step" and "step" in r and "skipped" not in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _step_to_epoch(epochs: Records) -> Any:
+    """A function mapping global steps to the epoch axis: an epoch record's step lands on its
+    ``epoch`` (epochs are counted from 1 at their end), step 0 on 0, linear in between."""
+    xp = [0.0] + [float(r["step"]) for r in epochs if "step" in r]
+    fp = [0.0] + [float(r["epoch"]) for r in epochs if "step" in r]
+    return lambda steps: np.interp(np.asarray(steps, dtype=float), xp, fp)
 
 
 def _series(epochs: Records, prefix: str) -> tuple[list[str], np.ndarray]:
@@ -96,35 +124,85 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
+# one run: test and train in two colours; several runs (one colour each): filled circles
+# for test, open squares for train; the line style differs too
+_SPLITS = {"test_acc": ("test", "tab:blue", "-", "o", None), "train_acc": ("train", "tab:orange", "--", "s", "none")}
+
+
+def _epoch_axis(ax: Axes) -> None:
+    """Whole epochs only on the x axis."""
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _plot_accuracy(ax: Axes, epochs: Records, label: str = "", color: Any = None) -> None:
-    """Train (dashed) and test (solid) accuracy against epoch."""
+    """Test and train accuracy (percent) against epoch; ``color`` (several runs) keeps one
+    colour per run, and test and train differ by marker."""
     x = _column(epochs, "epoch")
     prefix = f"{label} " if label else ""
-    for key, style in (("test_acc", "-"), ("train_acc", "--")):
+    for key, (split, own_color, style, marker, face) in _SPLITS.items():
         if _has(epochs, key):
-            ax.plot(x, _column(epochs, key), style, marker="o", markersize=3, color=color,
-                    label=f"{prefix}{key.replace('_acc', '')}")
-    ax.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+            ax.plot(x, _column(epochs, key), style, marker=marker, markersize=4 if color is None else 5,
+                    color=own_color if color is None else color,
+                    markerfacecolor=None if color is None else face, label=f"{prefix}{split}")
+    _epoch_axis(ax)
+    ax.set(ylabel="accuracy (%)", title="Accuracy")
+    ax.yaxis.set_major_formatter(PercentFormatter(xmax=100))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
-def _plot_curves(epochs: Records, path: Path) -> Path:
-    """Accuracy | train loss with lambda on a twin axis."""
+def _plot_curves(epochs: Records, steps: Records, path: Path) -> Path:
+    """Accuracy | train loss with lambda on a twin axis: per step where the step records
+    hold it (a per-step schedule moves it within an epoch), else per epoch."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     acc, loss = fig.subplots(1, 2)
     _plot_accuracy(acc, epochs)
     x = _column(epochs, "epoch")
-    lines = loss.plot(x, _column(epochs, "train_loss"), marker="o", markersize=3,
-                      label="train loss")
-    loss.set(xlabel="epoch", ylabel="train loss", title="Training loss")
+    lines = loss.plot(x, _column(epochs, "train_loss"), marker="o", markersize=4, color="tab:orange",
+                      label="train loss (epoch mean)")
+    _epoch_axis(loss)
+    loss.set(ylabel="train loss", title="Training loss")
     loss.grid(alpha=0.3)
-    if _has(epochs, "lambda"):
+    stepped = [r for r in steps if r.get("lambda") is not None]
+    if stepped or _has(epochs, "lambda"):
         twin = loss.twinx()
-        lines += twin.plot(x, _column(epochs, "lambda"), "--", color="tab:red", marker="s",
-                           markersize=3, label="\u03bb (branch weight)")
+        if stepped:
+            at = _step_to_epoch(epochs)([r["step"] for r in stepped])
+            lines += twin.plot(at, _column(stepped, "lambda"), color="tab:red", linewidth=1.2,
+                               drawstyle="steps-post", label="\u03bb (branch weight), per step")
+        else:
+            lines += twin.plot(x, _column(epochs, "lambda"), "--", color="tab:red", marker="D",
+                               markersize=4, label="\u03bb (branch weight), per epoch")
         twin.set_ylabel("\u03bb")
+        twin.set_ylim(-0.05, max(1.05, float(np.nanmax(_column(stepped or epochs, "lambda"))) + 0.05))
     loss.legend(lines, [line.get_label() for line in lines], fontsize=8)
+    return _save(fig, path)
+
+
+def _plot_steps(epochs: Records, steps: Records, path: Path) -> Path:
+    """The per-step records against the global step: loss | learning rate | lambda (when
+    logged), each epoch's end a dotted line labelled with its number."""
+    panels = [key for key in ("loss", "lr", "lambda") if any(r.get(key) is not None for r in steps)]
+    titles = {"loss": "Training loss (per logged step)", "lr": "Learning rate",
+              "lambda": "\u03bb (branch weight)"}
+    fig = Figure(figsize=(4.2 * len(panels) + 1, 3.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    x = np.array([r["step"] for r in steps], dtype=float)
+    ends = [(r["step"], r["epoch"]) for r in epochs if "step" in r]
+    every = max(1, len(ends) // 12)  # at most about a dozen epoch labels
+    for ax, key, color in zip(axes, panels, ("tab:orange", "tab:green", "tab:red")):
+        ax.plot(x, _column(steps, key), color=color, linewidth=1, marker="." if len(x) <= 60 else None)
+        for i, (end, epoch) in enumerate(ends):
+            ax.axvline(end, color="grey", linestyle=":", linewidth=0.8)
+            if i % every == 0 or i == len(ends) - 1:
+                ax.text(end, 1.0, f" {epoch}", transform=ax.get_xaxis_transform(), fontsize=7,
+                        color="grey", ha="left", va="top")
+        ax.set(xlabel="step (dotted: end of epoch N)", title=titles[key])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if "loss" in panels:
+        axes[panels.index("loss")].set_ylabel("loss")
     return _save(fig, path)
 
 
@@ -180,25 +258,44 @@ def plot_run(run_dir: PathLike) -> list[Path]:
     """Draw a run's figures into ``run_dir/plots/``; returns the paths written.
 
     ``curves.png`` always; ``grad_norms.png`` when the run logged ``grad_norm/<layer>``;
-    ``firing_rates.png`` (from the last epoch that logged ``firing_rate/<layer>``) when it did.
+    ``firing_rates.png`` (from the last epoch that logged ``firing_rate/<layer>``) when it did;
+    ``steps.png`` when it logged step records (loss, lr, lambda every ``log_every`` steps).
     Raises ``FileNotFoundError`` without a ``metrics.jsonl``, ``ValueError`` without epoch records.
     """
-    epochs = _epochs(run_dir)
+    records = _records(run_dir)
+    epochs, steps = _epochs(run_dir, records), _steps(records)
     out = Path(run_dir) / "plots"
-    written = [_plot_curves(epochs, out / "curves.png")]
+    written = [_plot_curves(epochs, steps, out / "curves.png")]
     if any(_logged(r, GRAD) for r in epochs):
         written.append(_plot_grad_norms(epochs, out / "grad_norms.png"))
     rated = [r for r in epochs if _logged(r, RATE)]
     if rated:
         written.append(_plot_firing_rates(rated[-1], out / "firing_rates.png"))
+    if steps:
+        written.append(_plot_steps(epochs, steps, out / "steps.png"))
     return written
 
 
+def _method(run_dir: Path) -> str | None:
+    """The run's ``method.name`` from its ``config.yaml``, or None when it cannot be read."""
+    try:
+        method = yaml.safe_load((run_dir / "config.yaml").read_text())["method"]
+        return str(method["name"] if isinstance(method, dict) else method)
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
 def _labelled(run_dirs: Mapping[str, PathLike] | Sequence[PathLike]) -> dict[str, Path]:
-    """``{label: run directory}``; a plain sequence is labelled by the directories' names."""
+    """``{label: run directory}``; a plain sequence is labelled by the directories' names and
+    each run's method (``fmnist-a (vanilla)``), unless the name already says the method."""
     if isinstance(run_dirs, Mapping):
         return {label: Path(d) for label, d in run_dirs.items()}
-    return {Path(d).name: Path(d) for d in run_dirs}
+    labelled = {}
+    for d in map(Path, run_dirs):
+        method = _method(d)
+        label = d.name if method is None or method in d.name else f"{d.name} ({method})"
+        labelled[label if label not in labelled else str(d)] = d
+    return labelled
 
 
 def plot_compare(run_dirs: Mapping[str, PathLike] | Sequence[PathLike], out_path: PathLike) -> Path:
