@@ -13,10 +13,11 @@ update exactly (docs/nir.md derives the mapping):
 The default ``dt`` is 1e-4, the step snnTorch's and SpikingJelly's importers assume, so
 they read the default file as our model; another ``dt`` warns (``NIRDtWarning``).
 Registry models and users' own networks of spikegrad layers in ``nn.Sequential``
-containers are exported. Batch norm is folded into the preceding convolution or linear layer (``fold_bn``),
-residual additions become several edges into one node (NIR sums a node's inputs),
-and the head's global average pooling becomes ``AvgPool2d`` over the whole map, then
-``Flatten`` and ``Affine``. Per-step shapes exclude time and batch (``[C, H, W]``).
+containers are exported. Batch norm is folded into the preceding convolution or linear
+layer (``fold_bn``), residual additions become several edges into one node (NIR sums a
+node's inputs), and the head's global average pooling becomes ``AvgPool2d`` over the
+whole map, then ``Flatten`` (negative dims) and ``Affine``. Per-step shapes exclude time
+and batch (``[C, H, W]``).
 
 ``from_nir`` builds a ``NIRNet`` from such a graph (and from the common primitives
 other libraries write) out of spikegrad's own layers and neurons. A round trip
