@@ -44,8 +44,7 @@ def _test_set(cfg: Config, test_size: int | None) -> str:
         return (f"on {test_size} {cfg.data.name} test images"
                 + (f" (the first {test_size}: data.limit_test = {cfg.data.limit_test})" if limited else ""))
     if cfg.data.limit_test is not None:
-        return (f"on the first {cfg.data.limit_test} {cfg.data.name} test images "
-                f"(data.limit_test), not the whole test set")
+        return f"on the first {cfg.data.limit_test} {cfg.data.name} test images (data.limit_test)"
     return f"on the whole {cfg.data.name} test set"
 
 
