@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/profile_step.py [--net spikegrad] [--backend fused] [--T 4] [--threads 1]
 
-Builds the network of ``spikegrad bench step`` (CIFAR ResNet-18, batch 32; ``--net``
-``ann``, ``spikegrad``, ``spikingjelly`` or ``snntorch``), runs two warm-up steps,
+Builds the network of ``spikegrad bench step`` with harness.py (CIFAR ResNet-18, batch 32;
+``--net`` ``ann``, ``spikegrad``, ``spikingjelly`` or ``snntorch``), runs two warm-up steps,
 profiles ``--profiles`` steps and prints the fastest one's totals per kind (seconds),
 then its ten most expensive operators, and the fresh memory a step touches: minor page
 faults (each a 4 KiB page the kernel maps and zeroes on first write) times what one
@@ -16,7 +16,7 @@ import statistics
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spikegrad.bench import CHANNELS, CLASSES, IMAGE, Case, Setup, _training_step, build_net, time_runs
+from harness import CHANNELS, CLASSES, IMAGE, Case, Setup, build_net, time_runs, training_step  # beside this file
 
 KINDS = {
     "convolution forward": ("aten::mkldnn_convolution", "aten::_convolution"),
@@ -56,7 +56,7 @@ def main() -> None:
     case = Case(args.net, backend, 1 if args.net == "ann" else args.T, False)
     torch.manual_seed(0)
     net = build_net(Setup("resnet18", 1.0, args.batch, 1, 2, "cpu", args.threads), case).train()
-    step = _training_step(net, False, torch.randn(args.batch, CHANNELS, IMAGE, IMAGE),
+    step = training_step(net, False, torch.randn(args.batch, CHANNELS, IMAGE, IMAGE),
                           torch.randint(0, CLASSES, (args.batch,)))
     for _ in range(2):  # warm-up: the fused neuron compiles in the first
         step()

@@ -1,4 +1,5 @@
-"""``spikegrad bench step --quick``: the report's structure and ratios, never a wall-clock time.
+"""``spikegrad bench step --quick``: the report's structure and ratios, never a wall-clock time;
+the peer networks (benchmarks/peers.py) against create_model's; the entry point without a checkout.
 
 The in-process run covers every network kind; the isolated run (memory from one
 subprocess per configuration) covers the memory figures; the interleaving of the
@@ -10,9 +11,15 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from spikegrad import bench
 from spikegrad.cli import main
+from spikegrad.layers import neuron_layers
+from spikegrad.models import create_model
+
+harness = bench.load_harness()  # the checkout's benchmarks/harness.py (its directory now on sys.path)
+import peers  # noqa: E402  # benchmarks/peers.py
 
 PEERS = ["spikingjelly", "snntorch"]
 
@@ -177,12 +184,12 @@ def test_timed_rounds_interleave_each_group_and_survive_a_failing_case(monkeypat
         if case.T == 3:
             raise RuntimeError("cannot build\nsecond line")
         net = Net(case.T)
-        return bench.Prepared(lambda: calls.append(net.T), lambda: None, params=case.T)
+        return harness.Prepared(lambda: calls.append(net.T), lambda: None, params=case.T)
 
-    monkeypatch.setattr(bench, "prepare", fake_prepare)
-    setup = bench.Setup("plain-8", 1.0, 2, repeats=2, warmup=1, device="cpu", threads=1)
-    shared, a, b, bad = (bench.Case("spikegrad", "torch", T, False) for T in (1, 2, 4, 3))
-    rows, failed = bench.time_interleaved(setup, [[shared, a, bad], [shared, b]])
+    monkeypatch.setattr(harness, "prepare", fake_prepare)
+    setup = harness.Setup("plain-8", 1.0, 2, repeats=2, warmup=1, device="cpu", threads=1)
+    shared, a, b, bad = (harness.Case("spikegrad", "torch", T, False) for T in (1, 2, 4, 3))
+    rows, failed = harness.time_interleaved(setup, [[shared, a, bad], [shared, b]])
     # group 1: warm-ups, two rounds; group 2: only b is new (shared is kept), two rounds
     assert calls == [1, 2] + [1, 2] * 2 + [4] + [1, 4] * 2
     assert released[:1] == [2]  # a's network went before b's was built
@@ -199,7 +206,7 @@ def test_contiguous_option_is_recorded(tmp_path):
 
 def test_conv_layout_table_reports_each_map_in_both_layouts(capsys):
     args = argparse.Namespace(maps=[(4, 8), (8, 4)], rows=2, repeats=2)
-    rows = bench.conv_main(args)
+    rows = harness.conv_main(args)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     assert [(r["channels"], r["side"]) for r in rows] == [(4, 8), (8, 4)]
     for r, line in zip(rows, lines):
@@ -222,9 +229,57 @@ def test_a_failed_memory_run_keeps_the_times_and_says_why(tmp_path, monkeypatch)
             raise RuntimeError("MemoryError: out of memory")
         return {"peak_mib": 100.0, "base_mib": 50.0, "live_mib": 90.0, "live_base_mib": 50.0}
 
-    monkeypatch.setattr(bench, "memory_isolated", fake_memory)
+    monkeypatch.setattr(harness, "memory_isolated", fake_memory)
     result, text = _run(tmp_path, "--T", "1", "--backends", "torch", "--peers", "--shortcut", "off")
     ann, ours = result["rows"]
     assert (ann["peak_mib"], ours["peak_mib"], len(ours["times_s"])) == (100.0, None, 2)
     assert result["not_measured"] == [{"case": "spikegrad torch T=1 (memory)", "reason": "MemoryError: out of memory"}]
     assert _table_cells(text, "Without shortcut branches")[("spikegrad torch", 1)]["peak MiB (before model)"] == "–"
+
+
+def _spikegrad_reference(name, **kwargs):
+    torch.manual_seed(0)
+    return create_model(name, 10, backend="torch", channels_last=False, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11"])
+def test_peer_networks_are_create_models_network_with_the_peers_layers(name):
+    """Same parameter names, shapes and values as spikegrad's network; SpikingJelly's
+    multi-step net gives the very same outputs in training, snnTorch's per-step net in
+    evaluation (in training its batch norm sees one step's batch; a threshold of 0.9 keeps
+    exact ties away, where snnTorch's Heaviside is strict and the others' is not)."""
+    from snntorch import Leaky
+    from spikingjelly.activation_based import layer, neuron as sjn
+
+    kwargs = {"T": 2, "width": 1 / 16, "neuron": {"v_threshold": 0.9}}
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for peer, kinds, mode in (("spikingjelly", (sjn.LIFNode, layer.Conv2d, layer.BatchNorm2d), "train"),
+                              ("snntorch", (Leaky,), "eval")):
+        ref = getattr(_spikegrad_reference(name, **kwargs), mode)()
+        torch.manual_seed(0)
+        net = getattr(peers.peer_model(peer, name, 10, **kwargs), mode)()
+        params = {n.removeprefix("model."): p for n, p in net.named_parameters()}
+        assert params.keys() == dict(ref.named_parameters()).keys()
+        assert all(torch.equal(params[n], p) for n, p in ref.named_parameters())
+        assert neuron_layers(net) == [] and all(any(isinstance(m, k) for m in net.modules()) for k in kinds)
+        logits, stages = ref(x, return_stages=True)
+        for _ in range(2):  # the second call after the peer's own reset
+            peer_logits, peer_stages = net(x, return_stages=True)
+        assert torch.equal(peer_logits, logits), peer
+        assert all(torch.equal(a, b) for a, b in zip(peer_stages, stages, strict=True)), peer
+
+
+def test_peer_networks_take_only_what_their_neurons_express():
+    with pytest.raises(ValueError, match="LIF neurons with an ATan surrogate"):
+        peers.peer_model("spikingjelly", "resnet20", T=1, width=1 / 16, neuron={"type": "plif"})
+    with pytest.raises(ValueError, match="snnTorch's Leaky takes undecayed input"):
+        peers.peer_model("snntorch", "resnet20", T=1, width=1 / 16, neuron={"decay_input": True})
+
+
+def test_without_a_source_checkout_bench_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site-packages" / "spikegrad" / "bench.py"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "conv", "--maps", "4@8", "--rows", "2", "--repeats", "2"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "spikegrad bench needs a source checkout" in err and len(err.splitlines()) == 1
