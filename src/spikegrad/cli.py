@@ -185,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     kinds = be.add_subparsers(dest="kind", metavar="{step,neuron,conv}")
     st = kinds.add_parser("step", help="forward+backward+optimizer step of a CIFAR network: ANN twin, "
                           "spikegrad per T and backend, peers; time, peak memory, ratios")
-    st.add_argument("--model", default="resnet18", help="registry name (peers: resnet18/20/34; default resnet18)")
+    st.add_argument("--model", default="resnet18", help="registry name, for every network (default resnet18)")
     st.add_argument("--width", type=float, help="channel multiplier (default 1; --quick 1/16)")
     st.add_argument("--batch", type=int, help="batch size (default 32; --quick 2)")
     st.add_argument("--T", type=int, nargs="+", help="time steps (default 1 2 4 6; --quick 1 2)")
