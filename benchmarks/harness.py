@@ -226,10 +226,12 @@ def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
 
 
 def build_net(setup: Setup, case: Case) -> nn.Module:
-    """The network of ``case``, ``create_model(setup.model, ...)``'s (the ANN twin and spikegrad's
-    channels-last unless ``setup.channels_last`` is False; a peer's from ``peers.peer_model``), wrapped in ``ShortcutNet`` (branches at every stage but the last)
-    when ``case.shortcut`` and in ``torch.compile`` when ``setup.compile``;
-    ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]`` (and branch logits)."""
+    """The network of ``case``: ``create_model(setup.model, ...)`` (the ANN twin with ReLU neurons;
+    it and spikegrad's channels-last unless ``setup.channels_last`` is False), or for a peer
+    ``peers.peer_model`` (the same model with the peer's layers, contiguous); wrapped in
+    ``ShortcutNet`` (branches at every stage but the last) when ``case.shortcut`` and in
+    ``compile_model`` when ``setup.compile``; ``[B, 3, 32, 32]`` -> logits ``[T, B, 10]``
+    (and branch logits)."""
     if case.net == "ann":
         net: nn.Module = create_model(setup.model, CLASSES, T=1, width=setup.width, neuron={"type": "relu"},
                                       channels_last=setup.channels_last)

@@ -265,8 +265,9 @@ def test_peer_networks_are_create_models_network_with_the_peers_layers(name):
         logits, stages = ref(x, return_stages=True)
         for _ in range(2):  # the second call after the peer's own reset
             peer_logits, peer_stages = net(x, return_stages=True)
-        assert torch.equal(peer_logits, logits), peer
-        assert all(torch.equal(a, b) for a, b in zip(peer_stages, stages, strict=True)), peer
+        torch.testing.assert_close(peer_logits, logits, msg=lambda m, peer=peer: f"{peer}: {m}")
+        for peer_spikes, spikes in zip(peer_stages, stages, strict=True):
+            torch.testing.assert_close(peer_spikes, spikes, msg=lambda m, peer=peer: f"{peer}: {m}")
 
 
 def test_peer_networks_take_only_what_their_neurons_express():
