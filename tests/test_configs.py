@@ -22,7 +22,7 @@ import torch
 from spikegrad import losses, methods
 from spikegrad.config import Config, load_config
 from spikegrad.tandem import ann_twin
-from spikegrad.train import build_model, loss_kwargs
+from spikegrad.train import build_model
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(ROOT.rglob("*.yaml"))
@@ -86,7 +86,7 @@ def test_config_trains_one_step(path):
     cfg = load_config(path, [f"model.width={STEP_WIDTH}"])
     info = dataset_info(cfg)
     model = build_model(cfg, info)
-    objective = losses.create(cfg.loss.name, cfg.model.T, **loss_kwargs(cfg))
+    objective = losses.from_config(cfg.loss, cfg.model.T)
     method = make_method(cfg, model, objective)
     net = method.wrap(model).train()
     method.set_progress(0, cfg.epochs, 0, 1)

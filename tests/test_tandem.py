@@ -12,7 +12,8 @@ from spikegrad.losses import RateCE
 from spikegrad.methods import create as create_method
 from spikegrad.models import create_model
 from spikegrad.tandem import LTL, TandemNet, ann_twin, load_teacher, normalise_target, percentile
-from spikegrad.train import Trainer, load_inference_model
+from spikegrad.checkpoint import load_inference_model
+from spikegrad.train import Trainer
 
 T, B, K = 2, 4, 5
 ARGS = {"num_classes": K, "T": T, "width": 0.25, "in_channels": 1}

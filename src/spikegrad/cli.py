@@ -37,8 +37,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     import torch
 
     from . import monitor
+    from .checkpoint import load_inference_model
     from .data import create_dataset, make_loader
-    from .train import evaluate, load_inference_model
+    from .train import evaluate
 
     if Path(args.checkpoint).suffix == ".nir":
         from . import losses
@@ -83,7 +84,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from . import checkpoint
-    from .train import load_inference_model, model_file
+    from .checkpoint import load_inference_model, model_file
 
     out = Path(args.out)
     if out.suffix not in (".pt", ".nir"):

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "choices"]
 
 
 class ConfigError(ValueError):
@@ -147,26 +147,33 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
+# keys whose values are fixed words; the keys that name a registered thing (neuron type,
+# backend, method, loss, schedules) take their choices from the registries: ``choices()``
 CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp": ("none", "bf16"),
     "nan_policy": ("stop", "skip"),
-    "model.encoding": ("direct", "poisson"),
-    "model.norm": ("bn", "none"),
     "model.stem": ("auto", "cifar", "imagenet"),
-    "neuron.type": ("lif", "if", "plif"),
-    "neuron.backend": ("auto", "torch", "eager", "fused", "triton"),
-    "method.name": ("vanilla", "shortcut", "evolutionary", "ltl", "ann"),
-    "method.schedule": ("constant", "linear", "cosine", "step"),
     "method.combine": ("logits", "losses"),
-    "loss.name": ("ce", "tet", "two"),
     "loss.variant": ("official", "paper"),
     "data.frames": ("count", "time"),
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("cosine", "none"),
     "surrogate_schedule.name": ("auto", "none"),
-    "surrogate_schedule.kind": ("log", "linear", "sqrt"),
 }
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """Every key with a closed set of values: ``CHOICES`` and the registries' names (read
+    when a config is checked, so a user's registered neuron, method or loss is accepted)."""
+    from . import layers, losses, methods, models, neuron, schedules  # import torch: not at import time
+
+    return {**CHOICES,
+            "model.encoding": tuple(layers.ENCODERS), "model.norm": models.NORMS,
+            "neuron.type": tuple(layers.NEURONS.names()), "neuron.backend": neuron.BACKENDS,
+            "method.name": tuple(methods.METHODS.names()), "method.schedule": schedules.BALANCE_KINDS,
+            "loss.name": tuple(losses.LOSSES.names()), "surrogate_schedule.kind": schedules.ADALI_KINDS}
+
 
 # key -> (lowest allowed, whether the bound is inclusive)
 MINIMUM = {
@@ -217,9 +224,9 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint} (expected one of {', '.join(known)})")
 
 
-def _check_value(key: str, value: Any) -> None:
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key {key!r} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+def _check_value(key: str, value: Any, allowed: dict[str, tuple[str, ...]]) -> None:
+    if key in allowed and value not in allowed[key]:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(allowed[key])}, got {value!r}")
     if key in MINIMUM and value is not None:
         low, inclusive = MINIMUM[key]
         if value < low or (not inclusive and value == low):
@@ -227,7 +234,7 @@ def _check_value(key: str, value: Any) -> None:
             raise ConfigError(f"config key {key!r} must be {relation} {low}, got {value!r}")
 
 
-def _build(cls: type, data: dict, prefix: str = "") -> Any:
+def _build(cls: type, data: dict, allowed: dict[str, tuple[str, ...]], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or 'root'!r} must be a mapping, "
                           f"got {type(data).__name__}")
@@ -239,16 +246,16 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             raise _unknown(full, list(hints))
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, f"{full}.")
+            kwargs[key] = _build(tp, value, allowed, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, tp)
-            _check_value(full, kwargs[key])
+            _check_value(full, kwargs[key], allowed)
     return cls(**kwargs)
 
 
 def from_dict(data: dict) -> Config:
     """A validated ``Config`` from a nested dict (missing keys take their defaults)."""
-    cfg = _build(Config, data)
+    cfg = _build(Config, data, choices())
     _check_surrogate(cfg.surrogate)
     return cfg
 

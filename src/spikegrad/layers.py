@@ -7,20 +7,23 @@ as they are.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .config import NeuronConfig
 from .memory import BatchNorm2d, relayout
 from .neuron import IF, LIF, PLIF, BaseNeuron
+from .registry import Registry
 from .surrogate import Surrogate
 
 __all__ = [
     "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
-    "NEURON_DEFAULTS", "NEURON_TYPES", "neuron_config", "make_neuron", "ClampReLU",
+    "NEURON_DEFAULTS", "NEURONS", "NeuronEntry", "neuron_config", "make_neuron", "ClampReLU",
     "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "UNSAFE_1X1_MAX_IN_CHANNELS",
     "channels_last_is_safe", "compile_model", "ConvBN", "conv_bn", "AvgPool2x2",
     "SpikingConvStack", "spiking_conv_stack", "Head",
@@ -102,16 +105,19 @@ class PoissonEncoder(_Encoder):
 
 ENCODERS: dict[str, type[_Encoder]] = {"direct": DirectEncoder, "poisson": PoissonEncoder}
 
-NEURON_DEFAULTS: dict[str, Any] = {
-    "type": "lif", "tau": 2.0, "v_threshold": 1.0, "v_reset": 0.0,
-    "decay_input": False, "detach_reset": False, "backend": "auto",
-}
-NEURON_TYPES = ("lif", "if", "plif", "relu", "clamp")
+# every neuron type takes these keys; the defaults are the run configuration's
+NEURON_DEFAULTS: dict[str, Any] = dataclasses.asdict(NeuronConfig())
 
 
-def _type_defaults(kind: str, cfg: dict) -> dict[str, Any]:
-    """Keys only some neuron types take, with their defaults (PLIF's initial tau is ``tau``)."""
-    return {"plif": {"init_tau": cfg["tau"]}, "clamp": {"clamp_max": 2.0}}.get(kind, {})
+class NeuronEntry(NamedTuple):
+    """A registered neuron type: ``build(cfg, surrogate) -> module`` (``cfg`` the full,
+    validated dict) and ``extra(cfg)``, the keys only this type takes with their defaults."""
+
+    build: Callable[[dict, Surrogate], nn.Module]
+    extra: Callable[[dict], dict] = lambda cfg: {}
+
+
+NEURONS: Registry[NeuronEntry] = Registry("neuron type")
 
 
 def neuron_config(cfg: dict | None = None) -> dict[str, Any]:
@@ -125,9 +131,7 @@ def neuron_config(cfg: dict | None = None) -> dict[str, Any]:
         raise ValueError(f"neuron must be a dict like {NEURON_DEFAULTS}, got {cfg!r}")
     merged = {**NEURON_DEFAULTS, **(cfg or {})}
     kind = merged["type"]
-    if kind not in NEURON_TYPES:
-        raise ValueError(f"unknown neuron type {kind!r}; expected one of {', '.join(NEURON_TYPES)}")
-    extra = _type_defaults(kind, merged)
+    extra = NEURONS.get(kind).extra(merged)
     unknown = sorted(set(merged) - set(NEURON_DEFAULTS) - set(extra))
     if unknown:
         allowed = ", ".join([*NEURON_DEFAULTS, *extra])
@@ -157,21 +161,29 @@ class ClampReLU(nn.Module):
 
 
 def make_neuron(neuron_cfg: dict | None, surrogate: Surrogate) -> nn.Module:
-    """A neuron module ``[T, B, ...] -> [T, B, ...]`` from a config dict (see ``neuron_config``).
+    """A neuron module ``[T, B, ...] -> [T, B, ...]`` of a registered type (``NEURONS``) from a
+    config dict (see ``neuron_config``).
 
     Spiking types use ``surrogate`` itself (not a copy), so one object serves a whole model.
     """
     cfg = neuron_config(neuron_cfg)
-    kind = cfg["type"]
-    if kind in ("relu", "clamp"):
-        return ClampReLU(cfg.get("clamp_max"))
-    common = {"v_threshold": cfg["v_threshold"], "v_reset": cfg["v_reset"],
-              "detach_reset": cfg["detach_reset"], "surrogate": surrogate, "backend": cfg["backend"]}
-    if kind == "if":
-        return IF(decay_input=False, **common)
-    if kind == "plif":
-        return PLIF(init_tau=cfg["init_tau"], decay_input=cfg["decay_input"], **common)
-    return LIF(tau=cfg["tau"], decay_input=cfg["decay_input"], **common)
+    return NEURONS.get(cfg["type"]).build(cfg, surrogate)
+
+
+def _spiking(cfg: dict, surrogate: Surrogate) -> dict[str, Any]:
+    """The arguments every spiking neuron takes, from a neuron config."""
+    return {"v_threshold": cfg["v_threshold"], "v_reset": cfg["v_reset"], "detach_reset": cfg["detach_reset"],
+            "surrogate": surrogate, "backend": cfg["backend"]}
+
+
+NEURONS.register("lif", NeuronEntry(
+    lambda cfg, sg: LIF(tau=cfg["tau"], decay_input=cfg["decay_input"], **_spiking(cfg, sg))))
+NEURONS.register("if", NeuronEntry(lambda cfg, sg: IF(decay_input=False, **_spiking(cfg, sg))))
+NEURONS.register("plif", NeuronEntry(
+    lambda cfg, sg: PLIF(init_tau=cfg["init_tau"], decay_input=cfg["decay_input"], **_spiking(cfg, sg)),
+    lambda cfg: {"init_tau": cfg["tau"]}))
+NEURONS.register("relu", NeuronEntry(lambda cfg, sg: ClampReLU(None)))
+NEURONS.register("clamp", NeuronEntry(lambda cfg, sg: ClampReLU(cfg["clamp_max"]), lambda cfg: {"clamp_max": 2.0}))
 
 
 def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -1,7 +1,10 @@
 """Losses over per-step logits ``[T, B, K]`` and how they decode to a prediction.
 
 Each objective has ``loss(logits, target)`` (a scalar) and ``decode(logits)``
-(``[B, K]`` scores used for accuracy). ``create(name, T, **kw)`` builds one.
+(``[B, K]`` scores used for accuracy), and two training hooks the trainer calls for every
+objective (``observe`` after each step, ``end_epoch`` after each epoch; no-ops but for
+TWO). ``create(name, T, **kw)`` builds one by its name in ``LOSSES``; ``from_config``
+from a run's ``loss`` section.
 """
 from __future__ import annotations
 
@@ -11,15 +14,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RateCE", "TET", "TWO", "create", "NAMES"]
+from .registry import Registry
 
-NAMES = ("ce", "tet", "two")
+__all__ = ["RateCE", "TET", "TWO", "LOSSES", "create", "from_config"]
 
 
 class RateCE:
     """Rate-coded cross-entropy: ``CE(mean_t logits, y)``."""
 
     name = "ce"  # the ``create`` name, stored with exported models
+    takes_T = False  # whether ``__init__`` takes the number of steps first
 
     def decode(self, logits: Tensor) -> Tensor:
         """``[T, B, K] -> [B, K]``: the mean over time."""
@@ -29,12 +33,23 @@ class RateCE:
         """``logits: [T, B, K]``, ``target: [B]`` -> scalar."""
         return F.cross_entropy(self.decode(logits), target)
 
+    def observe(self, logits: Tensor, target: Tensor) -> None:
+        """After a training step: its detached logits ``[T, B, K]`` and targets ``[B]``."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """After training epoch ``epoch`` (0-based), before its evaluation."""
+
     def state_dict(self) -> dict:
         """Decoding state for checkpoints (none for a plain mean)."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``."""
+
+    @classmethod
+    def from_config(cls, loss_cfg: Any, T: int) -> "RateCE":
+        """The objective of a run's ``loss`` section (a ``config.LossConfig``) at ``T`` steps."""
+        return cls()
 
 
 class TET(RateCE):
@@ -56,6 +71,10 @@ class TET(RateCE):
         mse = F.mse_loss(logits, torch.full_like(logits, self.phi))
         return (1 - self.lam) * ce + self.lam * mse
 
+    @classmethod
+    def from_config(cls, loss_cfg: Any, T: int) -> "TET":
+        return cls(lam=loss_cfg.lam, phi=loss_cfg.phi)
+
 
 class TWO(RateCE):
     """Temporally weighted output (MSG paper).
@@ -72,6 +91,7 @@ class TWO(RateCE):
     """
 
     name = "two"
+    takes_T = True
 
     def __init__(self, T: int, alpha: float = 0.3, warmup: int = 5,
                  variant: str = "official") -> None:
@@ -114,15 +134,26 @@ class TWO(RateCE):
         self._correct = state.get("correct", torch.zeros_like(self.weights)).clone().float()
         self._seen = int(state.get("seen", 0))
 
+    @classmethod
+    def from_config(cls, loss_cfg: Any, T: int) -> "TWO":
+        return cls(T, alpha=loss_cfg.alpha, warmup=loss_cfg.warmup, variant=loss_cfg.variant)
+
+
+LOSSES: Registry[type[RateCE]] = Registry("loss")
+LOSSES.register("ce", RateCE)
+LOSSES.register("tet", TET)
+LOSSES.register("two", TWO)
+
 
 def create(name: str, T: int, **kwargs: Any) -> RateCE:
-    """``ce`` | ``tet`` | ``two`` with their keyword arguments."""
-    if name == "ce":
-        if kwargs:
-            raise ValueError(f"loss 'ce' takes no arguments, got {sorted(kwargs)}")
-        return RateCE()
-    if name == "tet":
-        return TET(**kwargs)
-    if name == "two":
-        return TWO(T, **kwargs)
-    raise ValueError(f"unknown loss {name!r}; expected one of {', '.join(NAMES)}")
+    """A registered objective (``LOSSES``: ``ce``, ``tet``, ``two``) with its keyword arguments."""
+    cls = LOSSES.get(name)
+    try:
+        return cls(T, **kwargs) if cls.takes_T else cls(**kwargs)
+    except TypeError as err:
+        raise ValueError(f"loss {name!r}: {err}") from None
+
+
+def from_config(loss_cfg: Any, T: int) -> RateCE:
+    """The objective of a run's ``loss`` section (``loss_cfg.name`` in ``LOSSES``)."""
+    return LOSSES.get(loss_cfg.name).from_config(loss_cfg, T)

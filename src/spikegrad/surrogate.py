@@ -21,9 +21,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .registry import Registry
+
 __all__ = [
     "Surrogate", "Rectangle", "Triangle", "Sigmoid", "ATan", "Dspike", "AdaLi", "MSG",
-    "create", "names", "heaviside",
+    "SURROGATES", "create", "names", "resolve", "heaviside",
 ]
 
 
@@ -295,8 +297,7 @@ class MSG(Surrogate):
 
     def __init__(self, base: Surrogate | dict | None = None, p: float = 0.5,
                  rescale: bool = False, seed: int = 0) -> None:
-        base = ATan() if base is None else base
-        base = create(**base) if isinstance(base, dict) else base
+        base = resolve(base)
         if not isinstance(base, Surrogate) or isinstance(base, MSG):
             raise ValueError(f"MSG: base must be a non-MSG surrogate, got {base!r}")
         super().__init__(base.spiking)
@@ -347,23 +348,36 @@ class MSG(Surrogate):
                 "base": self.base.config()}
 
 
-_REGISTRY: dict[str, Callable[..., Surrogate]] = {
-    "rectangle": Rectangle, "triangle": Triangle, "sigmoid": Sigmoid, "atan": ATan,
-    "dspike": Dspike, "adali": AdaLi, "msg": MSG,
-}
+SURROGATES: Registry[Callable[..., Surrogate]] = Registry("surrogate")
+for _name, _cls in {"rectangle": Rectangle, "triangle": Triangle, "sigmoid": Sigmoid, "atan": ATan,
+                    "dspike": Dspike, "adali": AdaLi, "msg": MSG}.items():
+    SURROGATES.register(_name, _cls)
 
 
 def names() -> list[str]:
-    """Every name ``create`` accepts."""
-    return sorted(_REGISTRY)
+    """Every name ``create`` accepts (``SURROGATES.names()``)."""
+    return SURROGATES.names()
 
 
 def create(name: str, **kwargs: Any) -> Surrogate:
-    """Build a surrogate by name (``names()``) with its keyword arguments."""
-    key = str(name).lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown surrogate {name!r}; expected one of {', '.join(names())}")
+    """Build a registered surrogate (``SURROGATES``) by name with its keyword arguments."""
+    factory = SURROGATES.get(name)
     try:
-        return _REGISTRY[key](**kwargs)
+        return factory(**kwargs)
     except TypeError as err:
-        raise ValueError(f"surrogate {key!r}: {err}") from None
+        raise ValueError(f"surrogate {str(name).lower()!r}: {err}") from None
+
+
+def resolve(spec: Surrogate | str | dict | None) -> Surrogate:
+    """A surrogate from what a user may write: an object (used as is), a name (``"atan"``,
+    its defaults), a ``create`` dict (``{"name": "atan", "alpha": 2}``), or None (ATan, alpha 2)."""
+    if spec is None:
+        return ATan(alpha=2.0)
+    if isinstance(spec, Surrogate):
+        return spec
+    if isinstance(spec, str):
+        return create(spec)
+    if isinstance(spec, dict) and "name" in spec:
+        return create(**spec)
+    raise ValueError(f"surrogate must be a Surrogate, a name or a dict with a 'name' (one of "
+                     f"{', '.join(names())}) or None, got {spec!r}")

@@ -25,9 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .checkpoint import CheckpointError, load_inference_model
 from .layers import neuron_layers
 from .losses import RateCE
-from .methods import Method
+from .methods import ANN, METHODS, Method
 from .models import SpikingNet, create_model
 
 __all__ = ["ann_twin", "load_teacher", "check_teacher", "freeze", "percentile", "normalise_target",
@@ -45,7 +46,7 @@ def ann_twin(model: SpikingNet | str, **kwargs: Any) -> SpikingNet:
     ``method=ann`` run trains. Returns logits ``[1, B, num_classes]``.
     """
     config = {"name": model, **kwargs} if isinstance(model, str) else {**model.config, **kwargs}
-    return create_model(**{**config, "neuron": {"type": "clamp"}, "T": 1})
+    return create_model(**{**config, **ANN.TWIN})
 
 
 def _shape(t: Tensor) -> str:
@@ -83,11 +84,8 @@ def check_teacher(teacher: SpikingNet, student: SpikingNet, source: str = "teach
 def load_teacher(path: str | Path, student: SpikingNet) -> SpikingNet:
     """The frozen teacher (eval mode, no gradients, on ``student``'s device) from ``path``:
     a run checkpoint (``best.pt``/``last.pt`` of a ``method=ann`` run) or an exported
-    model file, loaded by ``train.load_inference_model``. A teacher of another
+    model file, loaded by ``checkpoint.load_inference_model``. A teacher of another
     architecture raises one ``ValueError`` naming the first mismatching layer."""
-    from .checkpoint import CheckpointError
-    from .train import load_inference_model  # train imports methods, which imports this lazily
-
     try:
         teacher, _, _ = load_inference_model(path)
     except CheckpointError as err:
@@ -237,6 +235,10 @@ class LTL(Method):
         self.teacher, self.finetune_epochs = teacher, finetune_epochs
         self.init_from_teacher = init_from_teacher
 
+    @classmethod
+    def from_config(cls, method_cfg: Any, objective: RateCE) -> "LTL":
+        return cls(objective, method_cfg.teacher, method_cfg.finetune_epochs, method_cfg.init_from_teacher)
+
     def wrap(self, model: nn.Module) -> TandemNet:
         """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step, or
         now to initialise the student from it)."""
@@ -259,3 +261,6 @@ class LTL(Method):
             return self.objective.loss(output, target), output
         local = torch.stack(list(output.local.values())).sum()
         return self.objective.loss(output.logits, target) + local, output.logits
+
+
+METHODS.register("ltl", LTL)

@@ -22,15 +22,14 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import __version__, checkpoint, distributed, layers, losses, methods, monitor
-from . import surrogate as sg
-from .config import Config, ConfigError, from_dict, to_dict
+from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor
+from . import tandem  # noqa: F401  (registers method "ltl")
+from .checkpoint import model_file
+from .config import Config, ConfigError, to_dict
 from .data import create_dataset, make_loader
 from .models import create_model
-from .schedules import AdaLiSchedule, DspikeTemperature
 
-__all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "loss_kwargs", "evaluate", "resolve_device",
-           "load_inference_model", "model_file"]
+__all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate", "resolve_device"]
 
 
 class TrainingError(RuntimeError):
@@ -54,13 +53,12 @@ def dataset_info(dataset: Any) -> dict:
 
 
 def model_kwargs(cfg: Config, info: dict) -> dict:
-    """The ``create_model`` keyword arguments of a run (everything but the name)."""
+    """The ``create_model`` keyword arguments of a run (everything but the name), as its
+    method trains it (``Method.model_kwargs``: the ANN twin for ``ann``)."""
     neuron = dict(vars(cfg.neuron))
     if neuron["type"] == "plif":
         neuron["init_tau"] = neuron.pop("tau")
-    if cfg.method.name == "ann":
-        neuron = {"type": "clamp"}
-    kwargs = {"num_classes": info["num_classes"], "T": 1 if cfg.method.name == "ann" else cfg.model.T,
+    kwargs = {"num_classes": info["num_classes"], "T": cfg.model.T,
               "in_channels": info["in_channels"], "encoding": cfg.model.encoding,
               "neuron": neuron, "surrogate": dict(cfg.surrogate), "norm": cfg.model.norm,
               "width": cfg.model.width, "channels_last": cfg.model.channels_last}
@@ -68,7 +66,7 @@ def model_kwargs(cfg: Config, info: dict) -> dict:
         stem = cfg.model.stem
         kwargs["stem"] = ("imagenet" if info["size"] >= 64 else "cifar") if stem == "auto" else stem
         kwargs["sew"] = cfg.model.sew
-    return kwargs
+    return methods.METHODS.get(cfg.method.name).model_kwargs(kwargs)
 
 
 def build_model(cfg: Config, info: dict) -> nn.Module:
@@ -83,13 +81,6 @@ def last_checkpoint(run_dir: str | Path) -> Path:
         raise ConfigError(f"cannot resume: {str(last)!r} does not exist "
                           f"(is {str(run_dir)!r} a run directory?)")
     return last
-
-
-def loss_kwargs(cfg: Config) -> dict:
-    """The ``losses.create`` keyword arguments of ``cfg.loss``."""
-    lc = cfg.loss
-    return {"tet": {"lam": lc.lam, "phi": lc.phi},
-            "two": {"alpha": lc.alpha, "warmup": lc.warmup, "variant": lc.variant}}.get(lc.name, {})
 
 
 def seed_everything(seed: int) -> None:
@@ -171,16 +162,12 @@ class Trainer:
             last_checkpoint(self.run_dir)
         seed_everything(cfg.seed)
         self._build_data()
-        self.objective = losses.create(cfg.loss.name, cfg.model.T, **loss_kwargs(cfg))
+        self.objective = losses.from_config(cfg.loss, cfg.model.T)
         self.model = build_model(cfg, self.info).to(self.device)
         self.method = methods.create(cfg.method, self.objective)
         self.net = self.method.wrap(self.model).to(self.device)
         self.optimizer = make_optimizer(cfg, [p for p in self.net.parameters() if p.requires_grad])
-        self.surrogates = [m for m in self.model.modules() if isinstance(m, sg.Surrogate)]
-        self.dspike = DspikeTemperature(cfg.surrogate.get("b", 3.0), cfg.surrogate_schedule.delta,
-                                        cfg.surrogate_schedule.eps, cfg.surrogate_schedule.directions,
-                                        cfg.seed)
-        self.adali = AdaLiSchedule(cfg.surrogate_schedule.kind)
+        self.callbacks = callbacks.create_all(self)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best_acc, self.history, self.sums = -1.0, [], {}
         self._prepare_run_dir(resume, overwrite)  # only once everything above has been validated
@@ -233,58 +220,13 @@ class Trainer:
         return make_loader(self.test_set, self.cfg.eval_batch_size, shuffle=False, seed=0, epoch=0,
                            num_workers=self.cfg.data.num_workers)
 
-    # --------------------------------------------------------------- schedules
-    def _fixed_batch(self) -> tuple[Tensor, Tensor]:
-        """The first training batch of epoch 0 over the whole set (the same on every rank)."""
+    def fixed_batch(self) -> tuple[Tensor, Tensor]:
+        """The first training batch of epoch 0 over the whole set (the same on every rank),
+        unaugmented: what callbacks that probe the model use."""
         loader = make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed,
                              epoch=0, augment=False)
         x, y = next(iter(loader))
         return x.to(self.device), y.to(self.device)
-
-    def _surrogates_of(self, kind: type) -> list:
-        """The model's surrogates of ``kind``, looking inside MSG's wrapper."""
-        bases = [getattr(s, "base", s) for s in self.surrogates]
-        return [s for s in bases if isinstance(s, kind)]
-
-    def _start_epoch(self, epoch: int) -> dict:
-        """Move the surrogate schedules for ``epoch``; returns what to log."""
-        logged: dict = {}
-        if self.cfg.surrogate_schedule.name == "none":
-            return logged
-        adalis = self._surrogates_of(sg.AdaLi)
-        if adalis and epoch == 0 and self.batch == 0 and self.cfg.surrogate_schedule.calibrate:
-            self._calibrate_adali(adalis)
-        for s in adalis:
-            logged["adali_L"], logged["adali_R"] = self.adali(s, epoch, self.cfg.epochs)
-        dspikes = self._surrogates_of(sg.Dspike)
-        if dspikes and epoch > 0 and self.batch == 0:
-            x, y = self._fixed_batch()
-            weight = dict(self.model.named_modules())[monitor.layer_names(self.model)[0]].weight
-            self.dspike.step(self.net, weight, dspikes, lambda: self.method.loss(self.net(x), y)[0], epoch)
-        if dspikes:
-            for s in dspikes:
-                s.b = self.dspike.b
-            logged["dspike_b"] = self.dspike.b
-        return logged
-
-    @torch.no_grad()
-    def _calibrate_adali(self, adalis: list) -> None:
-        """Calibrate AdaLi from the first-step potentials of every neuron on one batch."""
-        from .neuron import BaseNeuron
-
-        seen: list[Tensor] = []
-        hooks = [m.register_forward_hook(
-                     lambda mod, args, kwargs, out: seen.append(mod.input_of(args, kwargs)[0] - mod.v_threshold),
-                     with_kwargs=True)
-                 for m in self.model.modules() if isinstance(m, BaseNeuron)]
-        x, _ = self._fixed_batch()
-        self.model.eval()
-        self.model(x)
-        for h in hooks:
-            h.remove()
-        potentials = torch.cat([p.flatten().float().cpu() for p in seen])
-        for s in adalis:
-            s.calibrate(potentials)
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> dict:
@@ -296,7 +238,9 @@ class Trainer:
 
     def _train_epoch(self, epoch: int) -> dict:
         cfg = self.cfg
-        logged = self._start_epoch(epoch)
+        logged: dict = {}
+        for cb in self.callbacks.values():
+            logged.update(cb.start_epoch(self, epoch))
         loader = self.train_loader(epoch, self.batch)
         steps = len(loader) + self.batch
         self.net.train()
@@ -355,9 +299,10 @@ class Trainer:
         if cfg.optim.grad_clip:
             nn.utils.clip_grad_norm_(self.net.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
-        if hasattr(self.objective, "observe"):
-            self.objective.observe(logits.detach().float(), y)
-        return loss.detach(), logits.detach().float()
+        logits = logits.detach().float()
+        for cb in self.callbacks.values():
+            cb.end_step(self, logits, y)
+        return loss.detach(), logits
 
     def _non_finite(self, loss: Tensor, epoch: int) -> tuple[None, None]:
         last = self.run_dir / "checkpoints" / "last.pt"
@@ -370,8 +315,8 @@ class Trainer:
         raise TrainingError(f"{where}; last good checkpoint: {good} (set nan_policy: skip to skip such steps)")
 
     def _end_epoch(self, record: dict) -> None:
-        if hasattr(self.objective, "end_epoch"):
-            self.objective.end_epoch(self.epoch)
+        for cb in self.callbacks.values():
+            cb.end_epoch(self, self.epoch)
         self.epoch += 1
         self.batch = 0
         if not self.is_main:
@@ -417,12 +362,16 @@ class Trainer:
             "model_name": self.cfg.model.name, "model_kwargs": model_kwargs(self.cfg, self.info),
             "net": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "batch": self.batch, "step": self.step, "best_acc": self.best_acc,
-            "history": self.history, "decoder": self.objective.state_dict(), "sums": self.sums,
-            "metrics_bytes": self._metrics_size(),
-            "dspike": self.dspike.state_dict(), "rng": rng_state(),
-            "msg_rng": [s.get_rng_state() for s in self.surrogates if isinstance(s, sg.MSG)],
-            "adali": [s.config() for s in self._surrogates_of(sg.AdaLi)],
+            "history": self.history, "sums": self.sums, "metrics_bytes": self._metrics_size(),
+            "callbacks": {name: cb.state_dict() for name, cb in self.callbacks.items()},
+            "model_prefix": self._model_prefix(), "rng": rng_state(),
         }
+
+    def _model_prefix(self) -> str:
+        """Where the model's keys sit in the trained net's ``state_dict`` (``model.`` in a
+        ``ShortcutNet``, none for a plain model): what ``checkpoint`` strips to load it alone."""
+        name = next(name for name, m in self.net.named_modules() if m is self.model)
+        return f"{name}." if name else ""
 
     def _metrics_size(self) -> int:
         path = self.run_dir / "metrics.jsonl"
@@ -435,6 +384,9 @@ class Trainer:
         except RuntimeError as err:
             raise checkpoint.CheckpointError(f"checkpoint does not fit this run's model: "
                                              f"{str(err).splitlines()[0]}") from None
+        if "callbacks" not in state:
+            raise checkpoint.CheckpointError("checkpoint was written by an earlier spikegrad and cannot be "
+                                             "resumed (eval and export still read it)")
         self.sums = state["sums"]
         if self.is_main and self._metrics_size() > state["metrics_bytes"]:
             with open(self.run_dir / "metrics.jsonl", "r+b") as handle:
@@ -442,12 +394,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
         self.best_acc, self.history = state["best_acc"], list(state["history"])
-        self.objective.load_state_dict(state["decoder"])
-        self.dspike.load_state_dict(state["dspike"])
-        for s, gen_state in zip([s for s in self.surrogates if isinstance(s, sg.MSG)], state["msg_rng"]):
-            s.set_rng_state(gen_state)
-        for s, saved in zip(self._surrogates_of(sg.AdaLi), state["adali"]):
-            s.alpha, s.beta, s.L_max, s.R_max = saved["alpha"], saved["beta"], saved["L"], saved["R"]
+        for name, cb in self.callbacks.items():
+            cb.load_state_dict(state["callbacks"][name])
         set_rng_state(state["rng"])
 
     def export_state(self) -> dict:
@@ -494,42 +442,3 @@ class Trainer:
         with monitor.SynapticOps(inference) as counter:
             inference(x[:64].to(self.device))
         return counter.summary()
-
-
-def load_run_config(state: dict) -> Config:
-    """The ``Config`` stored in a run checkpoint."""
-    return from_dict(state["config"])
-
-
-def model_file(model: nn.Module, model_name: str, kwargs: dict, objective: losses.RateCE) -> dict:
-    """The inference-only model file (``kind: model``): what ``eval`` needs to rebuild
-    ``model`` without its run directory, decoding state included."""
-    return {"kind": "model", "version": __version__, "model_name": model_name, "model_kwargs": kwargs,
-            "state_dict": model.state_dict(),
-            "decoder": {"name": objective.name, **objective.state_dict()}}
-
-
-def load_inference_model(path: str | Path) -> tuple[nn.Module, losses.RateCE, dict]:
-    """``(model, objective, file)`` from a run checkpoint (``last.pt``/``best.pt``) or an
-    exported model file; the model is the plain registry model in eval mode."""
-    state = checkpoint.load(path)
-    try:
-        model = create_model(state["model_name"], **state["model_kwargs"])
-        T = state["model_kwargs"].get("T", 1)
-        if state["kind"] == "run":
-            cfg = load_run_config(state)
-            objective = losses.create(cfg.loss.name, T, **loss_kwargs(cfg))
-            method = methods.create(cfg.method, objective)
-            net = method.wrap(model)
-            net.load_state_dict(state["net"])
-            model = method.export(net)
-            objective.load_state_dict(state["decoder"])
-        else:
-            decoder = dict(state["decoder"])
-            objective = losses.create(decoder.pop("name"), T)
-            objective.load_state_dict(decoder)
-            model.load_state_dict(state["state_dict"])
-    except (KeyError, RuntimeError) as err:
-        raise checkpoint.CheckpointError(f"checkpoint {str(path)!r} does not match its model: "
-                                         f"{str(err).splitlines()[0]}") from None
-    return model.eval(), objective, state
