@@ -6,8 +6,8 @@ allocated inputs and heap churn in between, under ``MALLOC_CHECK_=3`` and
 ``MALLOC_PERTURB_`` (glibc aborts at the first inconsistency it sees, and freed memory
 is filled, so a stale read shows up as a wrong gradient). The gradients of the last
 pass are compared with a float64 contiguous reference, so corruption that does not
-abort is caught too. A configuration is ``ok``, ``crash`` (signal/exit code) or
-``wrong`` (gradients off).
+abort is caught too. A configuration is ``ok``, ``crash`` (signal/exit code), ``hang``
+(no exit within 120 s: a corrupted allocator can deadlock) or ``wrong`` (gradients off).
 
     python benchmarks/onednn_sweep.py --isa AVX2 --out runs/onednn-sweep.jsonl
     python benchmarks/onednn_sweep.py --kernels 1 --strides 2 --cin 1 2 4 8 --cout 8 16
@@ -59,8 +59,11 @@ def run_one(cfg: dict, isa: str | None) -> dict:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     args = [str(cfg[k]) for k in ("cin", "cout", "kernel", "stride", "batch", "side", "threads")]
     args.append(str(int(cfg["layout"] == "channels_last")))
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, capture_output=True, text=True,
+                              timeout=120)
+    except subprocess.TimeoutExpired:  # a corrupted heap can deadlock the allocator
+        return {**cfg, "result": "hang", "rc": -1}
     out = proc.stdout.strip().splitlines()
     result = out[-1] if proc.returncode == 0 and out else "crash"
     return {**cfg, "result": result, "rc": proc.returncode}

@@ -1,4 +1,4 @@
-"""Config smoke test (DESIGN.md, "Tests and CI time"): every YAML under ``configs/`` loads,
+"""Config smoke test (docs/architecture.md, "Tests"): every YAML under ``configs/`` loads,
 builds its model and trains one step; every paper row names its number's source.
 
 Speed rule (2 CPU cores, a 10-minute suite): each config's model is built at the

@@ -1,7 +1,7 @@
 """Data-parallel training with torchrun (2 CPU processes, gloo) equals one process with
 the same global batch; a killed distributed run resumes to the same weights.
 
-Per DESIGN.md the model has no normalisation (per-rank BatchNorm statistics differ by
+By design the model has no normalisation (per-rank BatchNorm statistics differ by
 design), direct encoding and no MSG.
 """
 import os

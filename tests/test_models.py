@@ -182,7 +182,7 @@ def test_make_neuron_types_and_options():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"type": "izhikevich"}, "unknown neuron type 'izhikevich'.*lif, if, plif, relu, clamp"),
+    ({"type": "izhikevich"}, "unknown neuron type 'izhikevich'.*clamp, if, lif, plif, relu"),
     ({"type": "lif", "leak": 0.5}, "unknown key.*leak.*expected any of type, tau"),
     ({"type": "lif", "clamp_max": 1.0}, "clamp_max"),
     ({"type": "lif", "tau": 0.5}, "tau"),

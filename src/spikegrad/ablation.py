@@ -3,8 +3,8 @@
     table = run_ablation("configs/shortcut/cifar10-resnet18-t4-vanilla.yaml",
                          ["vanilla", "shortcut", "evolutionary"], seeds=3, overrides=["epochs=50"])
 
-Every run goes through ``Trainer`` into ``<out>/<name>-<method>-s<seed>/`` (DESIGN.md,
-"Runs"), where ``<name>`` is the base config's name without a trailing ``-<its method>``
+Every run goes through ``Trainer`` into ``<out>/<name>-<method>-s<seed>/`` (docs/architecture.md,
+"The run directory"), where ``<name>`` is the base config's name without a trailing ``-<its method>``
 (``cifar10-resnet18-t4-vanilla`` -> ``cifar10-resnet18-t4``) and ``<out>`` is ``out`` or
 the config's ``out``. Re-running is safe: a run whose directory holds ``report.md`` is
 finished and skipped, one with ``checkpoints/last.pt`` is resumed, any other starts

@@ -105,7 +105,7 @@ def _dspike(trainer: "Trainer") -> DspikeSearch | None:
 
 class AdaLiTraining(Callback):
     """AdaLi's boundaries, shrunk every epoch by an ``AdaLiSchedule``; with ``calibrate``,
-    first fitted (``AdaLi.calibrate``) to the pre-spike potentials of every neuron on one
+    first fitted (``AdaLi.calibrate``) to the first-step potentials of every neuron on one
     training batch, the model in training mode as in a training step (batch statistics
     in every batch norm, whose running statistics are left as they were)."""
 
@@ -132,9 +132,10 @@ class AdaLiTraining(Callback):
 
 @torch.no_grad()
 def training_potentials(model: nn.Module, x: Tensor) -> Tensor:
-    """Every neuron's pre-spike potential minus its threshold on ``x`` (flattened, float32
-    on CPU), from a forward in training mode; the model's buffers (BN running statistics
-    and counts) and mode are restored afterwards."""
+    """Every neuron's first-step potential minus its threshold on ``x`` (its input at t = 0,
+    normalised when the neuron folds a batch norm: the membrane before any spike or leak;
+    flattened, float32 on CPU), from a forward in training mode; the model's buffers (BN
+    running statistics and counts) and mode are restored afterwards."""
     seen: list[Tensor] = []
     hooks = [m.register_forward_hook(
                  lambda mod, args, kwargs, out: seen.append(mod.input_of(args, kwargs)[0] - mod.v_threshold),

@@ -22,6 +22,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .defaults import NEURON
+
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "choices"]
 
 
@@ -44,14 +46,15 @@ class ModelConfig:
 
 @dataclass
 class NeuronConfig:
-    """The spiking neuron of every layer (METHODS.md, "Spiking neurons")."""
-    type: str = "lif"
-    tau: float = 2.0
-    v_threshold: float = 1.0
-    v_reset: Optional[float] = 0.0
-    decay_input: bool = False
-    detach_reset: bool = False
-    backend: str = "auto"
+    """The spiking neuron of every layer (docs/methods.md, "Spiking neurons"); defaults
+    from ``defaults.NEURON``."""
+    type: str = NEURON["type"]
+    tau: float = NEURON["tau"]
+    v_threshold: float = NEURON["v_threshold"]
+    v_reset: Optional[float] = NEURON["v_reset"]
+    decay_input: bool = NEURON["decay_input"]
+    detach_reset: bool = NEURON["detach_reset"]
+    backend: str = NEURON["backend"]
 
 
 @dataclass
@@ -166,13 +169,14 @@ CHOICES = {
 def choices() -> dict[str, tuple[str, ...]]:
     """Every key with a closed set of values: ``CHOICES`` and the registries' names (read
     when a config is checked, so a user's registered neuron, method or loss is accepted)."""
-    from . import layers, losses, methods, models, neuron, schedules  # import torch: not at import time
+    from . import data, layers, losses, methods, models, neuron, schedules  # torch: not at import time
 
     return {**CHOICES,
             "model.encoding": tuple(layers.ENCODERS), "model.norm": models.NORMS,
             "neuron.type": tuple(layers.NEURONS.names()), "neuron.backend": neuron.BACKENDS,
             "method.name": tuple(methods.METHODS.names()), "method.schedule": schedules.BALANCE_KINDS,
-            "loss.name": tuple(losses.LOSSES.names()), "surrogate_schedule.kind": schedules.ADALI_KINDS}
+            "loss.name": tuple(losses.LOSSES.names()), "surrogate_schedule.kind": schedules.ADALI_KINDS,
+            "data.name": tuple(data.DATASETS.names())}
 
 
 # key -> (lowest allowed, whether the bound is inclusive)

@@ -7,7 +7,6 @@ as they are.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -15,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import NeuronConfig
+from . import defaults
 from .memory import BatchNorm2d, relayout
 from .neuron import IF, LIF, PLIF, BaseNeuron
 from .registry import Registry
@@ -105,8 +104,8 @@ class PoissonEncoder(_Encoder):
 
 ENCODERS: dict[str, type[_Encoder]] = {"direct": DirectEncoder, "poisson": PoissonEncoder}
 
-# every neuron type takes these keys; the defaults are the run configuration's
-NEURON_DEFAULTS: dict[str, Any] = dataclasses.asdict(NeuronConfig())
+# every neuron type takes these keys (the run configuration's ``neuron`` section)
+NEURON_DEFAULTS: dict[str, Any] = dict(defaults.NEURON)
 
 
 class NeuronEntry(NamedTuple):

@@ -4,7 +4,7 @@ A ``Method`` adjusts the model it is given (``model_kwargs``), wraps it for trai
 turns the wrapped model's output into a loss, and exports the inference model. The
 objective (``losses``) decides how per-step logits ``[T, B, K]`` become a loss and a
 prediction. ``METHODS`` maps each ``method.name`` to a class whose ``from_config``
-builds it; Local Tandem Learning registers itself from ``tandem``.
+builds it; Local Tandem Learning's lives in ``tandem`` (imported when first asked for).
 """
 from __future__ import annotations
 
@@ -111,6 +111,7 @@ METHODS.register("vanilla", Method)
 METHODS.register("ann", ANN)
 METHODS.register("shortcut", Shortcut)
 METHODS.register("evolutionary", Shortcut)
+METHODS.register("ltl", "spikegrad.tandem:LTL")  # tandem imports this module
 
 
 def create(method_cfg: Any, objective: RateCE) -> Method:

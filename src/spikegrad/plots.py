@@ -1,4 +1,4 @@
-"""Figures of a run, drawn from its ``metrics.jsonl`` (DESIGN.md, "Precise contract").
+"""Figures of a run, drawn from its ``metrics.jsonl`` (docs/architecture.md, "The run directory").
 
 ``plot_run(run_dir)`` writes ``run_dir/plots/``: ``curves.png`` (accuracy, loss, and the
 balance coefficient lambda when logged, per step where step records hold it),

@@ -11,11 +11,14 @@ methods, datasets, training callbacks.
 
 A user registers their own entry the same way, without editing the package: config
 validation and ``spikegrad list`` read the registries, so a new name is accepted
-everywhere at once. Names are lowercase.
+everywhere at once. Names are lowercase. An entry may be given as the string
+``"package.module:attribute"``: it is imported on first ``get`` (so a registry never
+has to import the module that defines an entry, which may import the registry's own).
 """
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable, Generic, Iterator, TypeVar
 
 __all__ = ["Registry"]
@@ -29,17 +32,19 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._entries: dict[str, T] = {}
+        self._entries: dict[str, T | str] = {}
 
-    def register(self, name: str, entry: T | None = None, *, replace: bool = False) -> T | Callable[[T], T]:
-        """Register ``entry`` under ``name``; without ``entry``, a decorator that does.
+    def register(self, name: str, entry: T | str | None = None, *,
+                 replace: bool = False) -> T | str | Callable[[T], T]:
+        """Register ``entry`` (or its ``"module:attribute"`` path) under ``name``; without
+        ``entry``, a decorator that does.
 
         A name taken already is refused unless ``replace`` (a deliberate override).
         """
         if not isinstance(name, str) or not name or name != name.lower():
             raise ValueError(f"a {self.kind} name must be a non-empty lowercase string, got {name!r}")
 
-        def add(obj: T) -> T:
+        def add(obj: T | str) -> T | str:
             if name in self._entries and not replace and self._entries[name] is not obj:
                 raise ValueError(f"{self.kind} {name!r} is registered already; pass replace=True to override it")
             self._entries[name] = obj
@@ -51,7 +56,11 @@ class Registry(Generic[T]):
         """The entry of ``name``, or one ``ValueError`` listing the known names (and the closest)."""
         key = name.lower() if isinstance(name, str) else name
         if key in self._entries:
-            return self._entries[key]
+            entry = self._entries[key]
+            if isinstance(entry, str):  # "module:attribute", imported once
+                module, _, attribute = entry.partition(":")
+                entry = self._entries[key] = getattr(importlib.import_module(module), attribute)
+            return entry
         close = difflib.get_close_matches(str(name), self.names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"unknown {self.kind} {name!r}{hint} (expected one of {', '.join(self.names())})")

@@ -1,5 +1,5 @@
 """Schedules over training: the shortcut balance coefficient λ, Dspike's temperature,
-and AdaLi's shrinking boundaries (METHODS.md).
+and AdaLi's shrinking boundaries (docs/methods.md).
 
 Each is a small object the trainer calls at the start of every epoch; none keeps
 state that is not a pure function of the epoch except ``DspikeTemperature`` (its
@@ -99,7 +99,7 @@ class AdaLiSchedule:
 
 
 class DspikeTemperature:
-    """Dspike's temperature search (METHODS.md): once per epoch keep the ``b`` among
+    """Dspike's temperature search (docs/methods.md, "Dspike temperature search"): once per epoch keep the ``b`` among
     ``b - Δb, b, b + Δb`` whose first-layer weight gradient best matches (cosine) a
     finite-difference estimate of the true one.
 
@@ -108,8 +108,7 @@ class DspikeTemperature:
     surrogate gradients are compared in the same K-dimensional projection.
     """
 
-    def __init__(self, b0: float = 3.0, delta: float = 0.2, eps: float = 1e-3,
-                 directions: int = 32, seed: int = 0) -> None:
+    def __init__(self, b0: float, delta: float, eps: float, directions: int, seed: int = 0) -> None:
         self.b, self.delta, self.eps, self.directions, self.seed = b0, delta, eps, directions, seed
 
     def state_dict(self) -> dict:

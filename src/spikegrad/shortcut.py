@@ -6,7 +6,7 @@
     >>> plain = net.export()                             # the model alone, for inference
 
 A branch is global average pooling over space and one linear layer, applied per
-time step. Formulas: METHODS.md, "Shortcut back-propagation and evolutionary training".
+time step. Formulas: docs/methods.md, "Shortcut back-propagation and evolutionary training".
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ The fused neuron kernels do not call the module; they call
 ``surrogate.backward_grad(x)`` on the whole ``[T, N]`` pre-spike tensor, so every
 surrogate (with its temperature, mask or schedule) runs on every backend.
 
-Formulas and defaults: METHODS.md, "Surrogate gradients".
+Formulas and defaults: docs/methods.md, "Surrogate gradients".
 """
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ activation at the same place and gets ``MSE(r_l, A_norm_l)``, with the firing ra
 percentile of the batch). Each neuron's output is passed on detached, so every layer's
 input is detached: a hidden layer learns only from its own local loss (gradient still
 flows through time inside the layer), in residual blocks the shortcut path too, and
-only the output layer sees the cross-entropy. Formulas: METHODS.md, "Local Tandem Learning".
+only the output layer sees the cross-entropy. Formulas: docs/methods.md, "Local Tandem Learning".
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from .checkpoint import CheckpointError, load_inference_model
 from .layers import neuron_layers
 from .losses import RateCE
-from .methods import ANN, METHODS, Method
+from .methods import ANN, Method
 from .models import SpikingNet, create_model
 
 __all__ = ["ann_twin", "load_teacher", "check_teacher", "freeze", "percentile", "normalise_target",
@@ -262,5 +262,3 @@ class LTL(Method):
         local = torch.stack(list(output.local.values())).sum()
         return self.objective.loss(output.logits, target) + local, output.logits
 
-
-METHODS.register("ltl", LTL)

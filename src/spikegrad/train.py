@@ -3,7 +3,7 @@
     trainer = Trainer(load_config("configs/default.yaml"), overwrite=True)
     summary = trainer.fit()          # writes runs/<name>/...
 
-Run directory (DESIGN.md): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``
+Run directory (docs/architecture.md, "The run directory"): ``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``
 and ``best.pt`` (atomic), ``plots/*.png``, ``report.md``.
 """
 from __future__ import annotations
@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor
-from . import tandem  # noqa: F401  (registers method "ltl")
 from .checkpoint import model_file
 from .config import Config, ConfigError, to_dict
 from .data import create_dataset, make_loader

@@ -16,9 +16,9 @@ from . import augment
 from .base import FileDataset, ImageTensorDataset, LabeledDataset, subset
 from .errors import DatasetError
 from .loader import BatchLoader, collate, make_loader
-from .registry import create_dataset, names
+from .registry import DATASETS, create_dataset, names
 
 __all__ = [
-    "create_dataset", "names", "make_loader", "collate", "subset", "DatasetError",
+    "DATASETS", "create_dataset", "names", "make_loader", "collate", "subset", "DatasetError",
     "BatchLoader", "LabeledDataset", "ImageTensorDataset", "FileDataset", "augment",
 ]

@@ -1,8 +1,12 @@
-"""``create_dataset(name, ...)`` and ``names()``: every dataset by its config name."""
+"""``create_dataset(name, ...)`` and ``names()``: every dataset by its config name in
+``DATASETS`` (``name -> loader(request) -> LabeledDataset``); register your own loader
+with ``DATASETS.register("mydata", load)``."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
+
+from ..registry import Registry
 
 from . import cifar, dvs, imagenet, mnist
 from .augment import Augment
@@ -10,17 +14,13 @@ from .base import LabeledDataset, subset
 from .errors import DatasetError
 from .request import Request
 
-__all__ = ["create_dataset", "names"]
+__all__ = ["DATASETS", "create_dataset", "names"]
 
-_LOADERS: dict[str, Callable[[Request], LabeledDataset]] = {
-    "fashion-mnist": mnist.load,
-    "mnist": mnist.load,
-    "kmnist": mnist.load,
-    "cifar10": cifar.load,
-    "cifar100": cifar.load,
-    "imagenet": imagenet.load,
-    "cifar10-dvs": dvs.load,
-}
+DATASETS: Registry[Callable[[Request], LabeledDataset]] = Registry("dataset")
+for _name, _load in {"fashion-mnist": mnist.load, "mnist": mnist.load, "kmnist": mnist.load,
+                     "cifar10": cifar.load, "cifar100": cifar.load, "imagenet": imagenet.load,
+                     "cifar10-dvs": dvs.load}.items():
+    DATASETS.register(_name, _load)
 
 
 def _path(value: str | Path | None) -> Path | None:
@@ -29,7 +29,7 @@ def _path(value: str | Path | None) -> Path | None:
 
 def names() -> list[str]:
     """The dataset names ``create_dataset`` accepts, sorted."""
-    return sorted(_LOADERS)
+    return DATASETS.names()
 
 
 def create_dataset(
@@ -62,10 +62,10 @@ def create_dataset(
     first N items. ``cache_dir``: where event frames are cached. T and frames
     are ignored by image datasets. Missing or broken files raise DatasetError.
     """
-    if name not in _LOADERS:
+    if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(names())}")
     request = Request(name=name, root=_path(root), split=split, T=T, frames=frames, size=size,
                       augment=augment, autoaugment=autoaugment, cutout=cutout, limit=limit,
                       cache_dir=_path(cache_dir))
-    dataset = _LOADERS[name](request)
+    dataset = DATASETS.get(name)(request)
     return dataset if limit is None else subset(dataset, limit)

@@ -1,6 +1,6 @@
 """Spiking ResNets: ResNet-18/34 (torchvision widths), ResNet-19 (TET/tdBN family), ResNet-20 (CIFAR).
 
-Shapes: METHODS.md, "Models". Stages are ``layer1``, ``layer2``, ...; a block's
+Shapes: docs/methods.md, "Models". Stages are ``layer1``, ``layer2``, ...; a block's
 add comes before its second neuron (``sew=True``: after it, SEW-ResNet style).
 """
 from __future__ import annotations
