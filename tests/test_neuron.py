@@ -1,6 +1,6 @@
 """Neurons: every backend against the reference, gradcheck, and bad input.
 
-Tolerances (DESIGN.md): float64 spikes bitwise equal, gradients within 1e-6;
+Tolerances: float64 spikes bitwise equal, gradients within 1e-6;
 float32 spikes equal except where |h - v_th| < 1e-5, gradients within 1e-4 relative.
 """
 import math

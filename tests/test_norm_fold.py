@@ -4,7 +4,7 @@ The ``eager`` and ``fused`` backends normalise inside their loop and never write
 normalised tensor; the reference backend applies the batch norm module first. In
 float64 the spikes must be equal and every gradient (input, residual, BN weight and
 bias, initial membrane, PLIF's decay), the running statistics and the batch count
-within 1e-6 (DESIGN.md's tolerances).
+within 1e-6 (the project's float64 parity tolerances).
 """
 import copy
 

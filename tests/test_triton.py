@@ -73,3 +73,29 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         LIF(backend="triton")(torch.randn(2, 3))
+
+
+def test_triton_with_a_folded_batch_norm():
+    """``norm=`` on the Triton kernels (the normalised input written, its backward in torch)
+    against the reference's batch norm then neuron: spikes, gradients, running statistics."""
+    import copy
+
+    from spikegrad import memory
+    torch.manual_seed(3)
+    x = torch.randn(3, 2, 4, 5, 5) * 2 + 0.5
+    residual = (torch.rand_like(x) < 0.3).float()
+    norm = memory.BatchNorm2d(4)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.2, 0.4)
+    results = []
+    for backend in ("torch", "triton"):
+        bn = copy.deepcopy(norm)
+        leaves = [t.clone().requires_grad_() for t in (x, residual)]
+        spikes = LIF(tau=1.7, backend=backend)(leaves[0], residual=leaves[1], norm=bn)
+        (spikes * torch.linspace(-1, 1, spikes.numel()).view_as(spikes)).sum().backward()
+        results.append([spikes, *(t.grad for t in leaves), bn.weight.grad, bn.bias.grad, bn.running_mean,
+                        bn.running_var])
+    assert torch.equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1:], results[1][1:]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -13,9 +13,10 @@ membrane. Here it keeps one float tensor and one bit per element:
    ``nn.BatchNorm2d``, same ``state_dict``) keeps ``y = BN(x)`` instead of ``x`` and
    recovers ``x_hat = (y - beta) / gamma`` in backward (the in-place-ABN identity). The
    fused neuron after it saves its input, which is that same ``y``, and recomputes its
-   membrane (``kernels.fused``): one tensor serves both. In training the fused neurons
-   go further and fold the batch norm into their loop (``BatchNorm2d.folds``,
-   ``layers.ConvBN.fire``): ``y`` is never written, and the conv output is kept instead.
+   membrane (the operator ``torch.ops.spikegrad.lif``, ``kernels.lif``): one tensor
+   serves both. In training the fused neurons go further and fold the batch norm into
+   their loop (``BatchNorm2d.folds``, ``layers.ConvBN.fire``): ``y`` is never written, and
+   the conv output is kept instead.
 
 Both are exact up to float rounding (the spikes bit for bit). Where the identity is
 ill-conditioned (``|gamma| < GAMMA_MIN`` in some channel), under autocast, for a

@@ -5,7 +5,7 @@ spike sequence ``[T, B, ...]``; nothing is kept on the module between calls, so
 there is no ``reset()`` to forget. An initial membrane ``v_init: [B, ...]`` may be
 passed and the final membrane returned with ``return_state=True``.
 
-Dynamics (METHODS.md), for t = 0..T-1, from ``v = v_init`` (default ``v_reset``, or
+Dynamics, for t = 0..T-1, from ``v = v_init`` (default ``v_reset``, or
 0 for a soft reset), with ``d = 1/tau`` and ``r = v_reset`` (0 for a soft reset):
 
     decay_input=False:  h[t] = v + d (r - v) + x[t]
@@ -14,19 +14,20 @@ Dynamics (METHODS.md), for t = 0..T-1, from ``v = v_init`` (default ``v_reset``,
     hard reset:         v = h (1 - s) + v_reset s
     soft reset:         v = h - v_threshold s          (v_reset=None)
 
-Backends: ``"torch"`` (reference: autograd through a plain loop), ``"eager"``
-(one autograd node per layer: a forward loop that saves only ``h``, and a backward
-that evaluates the surrogate derivative on all of ``[T, N]`` at once, then runs one
-reverse-time scan; see ``kernels.fused``), ``"fused"`` (the same two functions
-compiled by ``torch.compile``: the fast path on CPU) and ``"triton"`` (the loops over T
-as Triton kernels, ``kernels.triton_lif``: CUDA, or CPU under ``TRITON_INTERPRET=1``;
-float64 or a non-spiking surrogate run ``"fused"`` instead). ``"auto"`` is
-``$SPIKEGRAD_BACKEND`` when set, else ``"triton"`` for CUDA tensors when triton is
+Backends (``BACKENDS``): ``"torch"`` (reference: autograd through a plain loop) and the
+fused operator ``torch.ops.spikegrad.lif`` (``kernels.lif``: one autograd node per layer;
+forward saves only its inputs, backward evaluates the surrogate derivative on all of
+``[T, N]`` at once, then runs one reverse-time scan) with one of its kernel sets:
+``"eager"`` (the plain torch loops of ``kernels.fused``, no compiler), ``"fused"`` (the
+same loops compiled by ``torch.compile``: the fast path on CPU) and ``"triton"`` (the
+loops over T as Triton kernels, ``kernels.triton_lif``: CUDA, or CPU under
+``TRITON_INTERPRET=1``; float64 or a non-spiking surrogate run ``"fused"`` instead).
+``"auto"`` is ``$SPIKEGRAD_BACKEND`` when set, else the operator's own choice for the
+tensor's device (``default_backend``): ``"triton"`` for CUDA tensors when triton is
 installed, else ``"fused"``.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from typing import Any, Callable
@@ -38,40 +39,38 @@ from torch.nn import functional as F
 from . import surrogate as sg
 from .memory import mark_spikes
 from .kernels import fused
+from .kernels.lif import KERNELS, surrogate_handle, triton_installed
 
 __all__ = ["lif_multistep", "LIF", "IF", "PLIF", "BaseNeuron", "BACKENDS", "default_backend"]
 
-BACKENDS = ("auto", "torch", "eager", "fused", "triton")
+BACKENDS = ("auto", "torch", *KERNELS)
+"""Every backend name: ``"auto"``, the reference ``"torch"`` and the operator's kernel sets."""
 
 
 def default_backend(device: torch.device | str | None = None) -> str:
     """What ``backend="auto"`` means for tensors on ``device``: ``$SPIKEGRAD_BACKEND`` if
-    set, else ``"triton"`` on CUDA when triton is installed, else ``"fused"``."""
-    name = os.environ.get("SPIKEGRAD_BACKEND")
+    set, else ``"triton"`` on CUDA when triton is installed, else ``"fused"`` (the
+    operator's registered implementations for those devices)."""
+    name = _env_backend()
     if name is None:
         on_cuda = device is not None and torch.device(device).type == "cuda"
-        return "triton" if on_cuda and importlib.util.find_spec("triton") is not None else "fused"
-    if name not in BACKENDS[1:]:
+        return "triton" if on_cuda and triton_installed() else "fused"
+    return name
+
+
+def _env_backend() -> str | None:
+    name = os.environ.get("SPIKEGRAD_BACKEND")
+    if name is not None and name not in BACKENDS[1:]:
         raise ValueError(f"SPIKEGRAD_BACKEND must be one of {', '.join(BACKENDS[1:])}, got {name!r}")
     return name
 
 
-def _kernel_mode(backend: str, x_seq: Tensor, surrogate: sg.Surrogate) -> str:
-    """The ``fused.lif`` mode of a non-reference backend for this input."""
-    if backend != "triton":
-        return backend
-    if not (x_seq.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        raise ValueError(f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU), "
-                         f"got a tensor on {x_seq.device}")
-    from .kernels.triton_lif import DTYPES
-    return "triton" if surrogate.spiking and x_seq.dtype in DTYPES else "fused"
-
-
-def _check(x_seq: Tensor, tau: float | None, v_threshold: float, backend: str) -> None:
+def _check(x_seq: Tensor, tau: float | Tensor | None, v_threshold: float, backend: str) -> None:
     if not isinstance(x_seq, Tensor) or x_seq.dim() < 2:
         shape = tuple(x_seq.shape) if isinstance(x_seq, Tensor) else type(x_seq).__name__
         raise ValueError(f"x_seq must be a tensor [T, B, ...] with a leading time dimension, got {shape}")
-    if tau is not None and not (isinstance(tau, (int, float)) and tau >= 1):
+    if tau is not None and not (isinstance(tau, (int, float)) and tau >= 1
+                                or isinstance(tau, Tensor) and tau.dim() == 0):
         raise ValueError(f"tau must be >= 1 (a leak of at most 1 per step), got {tau}")
     if not v_threshold > 0:
         raise ValueError(f"v_threshold must be positive, got {v_threshold}")
@@ -94,18 +93,30 @@ def _reference(x_seq: Tensor, v: Tensor, decay: Tensor | float, decay_input: boo
     return torch.stack(spikes), v
 
 
-def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float = 2.0,
+def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float | Tensor = 2.0,
                   decay_input: bool = False, v_threshold: float = 1.0,
                   v_reset: float | None = 0.0, detach_reset: bool = False,
                   surrogate: sg.Surrogate | None = None, backend: str = "auto",
-                  return_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                  return_state: bool = False, residual: Tensor | None = None,
+                  norm: nn.Module | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Run a LIF neuron over ``x_seq: [T, B, ...]``; returns spikes ``[T, B, ...]``.
 
-    ``tau >= 1``; ``math.inf`` gives IF (no leak). With ``return_state=True`` returns ``(spikes, v_final)``, ``v_final: [B, ...]``.
+    ``tau >= 1``; ``math.inf`` gives IF (no leak); a 0-dim tensor ``tau`` (not checked) is
+    a learnable time constant, which gets its gradient as PLIF's does. With
+    ``return_state=True`` returns ``(spikes, v_final)``, ``v_final: [B, ...]``.
+    ``residual`` and ``norm`` are ``BaseNeuron.forward``'s: ``lif_multistep(x, residual=r,
+    norm=bn)`` equals ``lif_multistep(bn(x) + r)``, computed without writing either.
     """
     _check(x_seq, tau, v_threshold, backend)
+    _check_extra(x_seq, residual)
     return _run(x_seq, v_init, 1.0 / tau, decay_input, v_threshold, v_reset, detach_reset,
-                surrogate or sg.ATan(), backend, return_state)
+                surrogate or sg.ATan(), backend, return_state, residual, norm)
+
+
+def _check_extra(x_seq: Tensor, residual: Tensor | None) -> None:
+    if residual is not None and residual.shape != x_seq.shape:
+        raise ValueError(f"residual must have the input's shape {tuple(x_seq.shape)}, "
+                         f"got {tuple(residual.shape)}")
 
 
 def _normalised(norm: Callable[[Tensor], Tensor], x_seq: Tensor) -> Tensor:
@@ -122,21 +133,29 @@ def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_inpu
     if v_init is not None and v_init.shape != x_seq.shape[1:]:
         raise ValueError(f"v_init must have shape {tuple(x_seq.shape[1:])} (x_seq without T), "
                          f"got {tuple(v_init.shape)}")
-    backend = default_backend(x_seq.device) if backend == "auto" else backend
-    mode = None if backend == "torch" else _kernel_mode(backend, x_seq, surrogate)
-    folds = mode in ("eager", "fused") and callable(getattr(norm, "folds", None)) and norm.folds(x_seq)
+    if backend == "auto":
+        backend = _env_backend() or "auto"  # "auto": the operator's registered choice per device
+    folds = backend != "torch" and callable(getattr(norm, "folds", None)) and norm.folds(x_seq)
     if norm is not None and not folds:
         x_seq, norm = _normalised(norm, x_seq), None
-    if mode is None:
+    if backend == "torch":
         v_init = fused.resting(x_seq, v_reset) if v_init is None else v_init
         x_seq = x_seq if residual is None else x_seq + residual
         spikes, v = _reference(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
                                detach_reset, surrogate)
-    else:
-        spikes, v = fused.lif(x_seq, v_init, decay, decay_input, v_threshold, v_reset,
-                              detach_reset, surrogate, mode, residual, norm, return_state)
-    if surrogate.spiking:
-        mark_spikes(spikes)
+        if surrogate.spiking:
+            mark_spikes(spikes)
+        return (spikes, v) if return_state else spikes
+    learnable = isinstance(decay, Tensor)
+    spikes, v, mean, var = torch.ops.spikegrad.lif(
+        x_seq, residual, v_init, decay if learnable else None,
+        None if norm is None else norm.weight, None if norm is None else norm.bias,
+        fixed_decay=0.0 if learnable else float(decay), decay_input=decay_input,
+        v_threshold=float(v_threshold), v_reset=v_reset, detach_reset=detach_reset,
+        surrogate=surrogate_handle(surrogate), norm_eps=float(norm.eps) if norm is not None else 0.0,
+        keep_state=return_state, mark_spikes=surrogate.spiking, backend=backend)
+    if norm is not None:
+        norm.record(mean, var, x_seq.numel() // x_seq.shape[2])
     return (spikes, v) if return_state else spikes
 
 
@@ -177,9 +196,7 @@ class BaseNeuron(nn.Module):
         norm's own ``forward`` and its hooks are then not run).
         """
         _check(x_seq, None, self.v_threshold, self.backend)
-        if residual is not None and residual.shape != x_seq.shape:
-            raise ValueError(f"residual must have the input's shape {tuple(x_seq.shape)}, "
-                             f"got {tuple(residual.shape)}")
+        _check_extra(x_seq, residual)
         return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold, self.v_reset,
                     self.detach_reset, self.surrogate, self.backend, return_state, residual, norm)
 

@@ -1,12 +1,16 @@
-"""The fused multi-step LIF: one autograd node per layer instead of ~10 per time step.
+"""The fused multi-step LIF in plain torch: one loop over T forward, one reverse loop back.
 
-Forward runs the loop over T and saves only its input ``x: [T, ...]`` (and ``v_init``
-when one is given; the default resting membrane is rebuilt), nothing of its own. A
-batch norm before the neuron is either a ``memory.BatchNorm2d`` that saves its output
-(the tensor the neuron saves: one serves both) or, in training, folded into the loop
-(``lif(..., norm=bn)``): the neuron takes the batch statistics, normalises each step on
-the fly and keeps the un-normalised input, so the normalised tensor is never written;
-its backward is PyTorch's batch-norm formula with ``x_hat`` rebuilt on the fly.
+These functions are what the operator ``torch.ops.spikegrad.lif`` (``kernels.lif``)
+runs on CPU, compiled by ``torch.compile`` (backend ``"fused"``) or as they are
+(``"eager"``: no compiler, for debugging and platforms without one). They see every
+tensor as ``[T, N]`` rows (``[T, P, C, Q]`` with a folded batch norm, ``C`` its channels).
+
+Forward runs the loop over T; the operator saves only its input ``x: [T, ...]`` (and
+``v_init`` when one is given; the default resting membrane is rebuilt). A batch norm
+before the neuron is, in training, folded into the loop (``norm_forward_scan``): the
+neuron takes the batch statistics, normalises each step on the fly and keeps the
+un-normalised input, so the normalised tensor is never written; its backward is
+PyTorch's batch-norm formula with ``x_hat`` rebuilt on the fly.
 Backward recomputes the pre-spike membranes ``h[t]`` from ``x`` and runs one reverse
 loop over T: ``dL/dh[t] = dL/ds[t] * g[t] + dv/dh[t] * dL/dv[t]``, where
 ``g = surrogate.grad(h - v_th)`` (so any surrogate, Dspike's temperature and AdaLi's
@@ -16,25 +20,22 @@ generator and passed in), ``dv/dh`` is the reset's derivative and
 stacked: compiled, each half is one loop over the neurons with the T steps in
 registers, which reads the input once and writes only its outputs.
 
-Both halves are plain torch functions; backend ``"fused"`` runs them through
-``torch.compile``, ``"eager"`` runs them as they are (no compiler needed, for debugging
-and platforms without one); ``"triton"`` (``kernels.triton_lif``) shares the
-derivatives (``slopes``, ``decay_gradient``) and writes the loops over T as kernels.
+``opts`` below is ``(decay_input, v_threshold, v_reset, detach_reset)``. ``KernelSet``
+is the interface every backend implements (``torch_kernels`` for these functions,
+``kernels.triton_lif.KERNELS`` for Triton, which shares ``slopes`` and
+``decay_gradient``). This module imports nothing but torch.
 """
 from __future__ import annotations
 
-import functools
-import math
 from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-from ..memory import memory_order
-
-__all__ = ["lif", "charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
-           "decay_gradient", "backward", "batch_stats", "folded", "norm_forward_scan",
-           "norm_parameter_grads", "norm_input_grads", "Kernels", "EAGER", "kernels"]
+__all__ = ["charge", "reset", "resting", "steps", "membranes", "forward_scan", "slopes",
+           "decay_gradient", "backward", "batch_stats", "folded", "normalised", "norm_forward_scan",
+           "norm_parameter_grads", "norm_input_grads", "norm_backward_unfused", "KernelSet",
+           "torch_kernels"]
 
 
 def charge(v: Tensor, x: Tensor, decay: Tensor | float, rest: float, decay_input: bool) -> Tensor:
@@ -161,16 +162,23 @@ def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad
 
 # --- batch norm folded into the neuron: x_seq is [T, P, C, Q], per-channel vectors [C] ----------
 
-def batch_stats(x_seq: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-channel ``(mean, biased var, 1/sqrt(var + eps))``, each ``[C]``, of ``x_seq: [T, P, C, Q]``."""
+def batch_stats(x_seq: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel ``(mean, biased var)``, each ``[C]``, of ``x_seq: [T, P, C, Q]``."""
     var, mean = torch.var_mean(x_seq, dim=(0, 1, 3), correction=0)
-    return mean, var, torch.rsqrt(var + eps)
+    return mean, var
 
 
 def folded(weight: Tensor, bias: Tensor, mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor]:
     """Batch norm as ``(scale, shift)``, each ``[C, 1]``: ``BN(x) = x * scale + shift`` per channel."""
     scale = (weight * rstd)[:, None]
     return scale, bias[:, None] - mean[:, None] * scale
+
+
+def normalised(x_seq: Tensor, norm: tuple[Tensor, ...]) -> Tensor:
+    """``x_seq: [T, P, C, Q]`` batch-normed with ``norm = (weight, bias, mean, rstd)``, written out
+    (for kernels that do not fold the norm into their loop)."""
+    scale, shift = folded(*norm)
+    return torch.addcmul(shift, x_seq, scale)
 
 
 def norm_forward_scan(x_seq: Tensor, residual: Tensor | None, v: Tensor | None, decay: Tensor | float,
@@ -216,138 +224,64 @@ def norm_input_grads(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | No
     return grad_x, torch.stack(grad_y) if residual is not None else None
 
 
-class Kernels(NamedTuple):
-    """A backend's functions (see their docstrings); ``None`` where the backend has none."""
 
-    forward_scan: Callable
+
+def norm_backward_unfused(backward: Callable, x_seq: Tensor, residual: Tensor | None,
+                          v_init: Tensor | None, grad_spikes: Tensor, grad_v: Tensor | None,
+                          decay: Tensor | float, opts: tuple, surrogate: Any, mask: Tensor | None,
+                          want_decay: bool, norm: tuple[Tensor, ...]) -> tuple:
+    """The folded batch norm's backward around a ``backward`` without one (Triton's): that
+    backward runs on the normalised input (written out), then PyTorch's batch-norm formula.
+    Returns ``(dL/dx, dL/dresidual or None, dL/dv_init or None, dL/d(1/tau) or None,
+    dL/dweight, dL/dbias)``."""
+    weight, bias, mean, rstd = norm
+    grad_y, grad_v0, grad_decay = backward(normalised(x_seq, norm), residual, v_init, grad_spikes,
+                                           grad_v, decay, opts, surrogate, mask, want_decay)
+    x_hat = (x_seq - mean[:, None]) * rstd[:, None]
+    grad_bias, grad_weight = grad_y.sum((0, 1, 3)), (grad_y * x_hat).sum((0, 1, 3))
+    count = x_seq.numel() // x_seq.shape[2]
+    scale = (weight * rstd)[:, None]
+    grad_x = scale * (grad_y - (grad_bias / count)[:, None] - x_hat * (grad_weight / count)[:, None])
+    return grad_x, grad_y if residual is not None else None, grad_v0, grad_decay, grad_weight, grad_bias
+
+
+class KernelSet(NamedTuple):
+    """What a backend of the operator provides, on ``[T, N]`` rows (``[T, P, C, Q]`` with a norm).
+
+    - ``forward(x, residual, v_init, decay, opts, surrogate, norm, keep_state)`` ->
+      ``(spikes, v_final or None)``; ``norm`` None or ``(weight, bias, mean, rstd)``;
+    - ``backward(x, residual, v_init, grad_spikes, grad_v, decay, opts, surrogate, mask,
+      want_decay, norm)`` -> ``(dL/dx, dL/dresidual, dL/dv_init, dL/d(1/tau), dL/dweight,
+      dL/dbias)``, None where there is no such input or gradient;
+    - ``batch_stats(x)`` -> ``(mean, biased var)`` per channel;
+    - ``supports(x, surrogate)``: whether it runs this input (else ``"fused"`` does).
+    """
+
+    forward: Callable
     backward: Callable
-    batch_stats: Callable | None
-    norm_forward_scan: Callable | None
-    norm_parameter_grads: Callable | None
-    norm_input_grads: Callable | None
+    batch_stats: Callable
+    supports: Callable[[Tensor, Any], bool]
 
 
-def _compiled(fn: Callable) -> Callable:
-    # one graph per (surrogate type, options, dtype): allow more than dynamo's default 8
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-    return torch.compile(fn)
+def torch_kernels(compile_fn: Callable[[Callable], Callable] = lambda fn: fn) -> KernelSet:
+    """The kernel set of this module's functions, each passed through ``compile_fn``."""
+    scan, back, stats, norm_scan, norm_params, norm_inputs = map(compile_fn, (
+        forward_scan, backward, batch_stats, norm_forward_scan, norm_parameter_grads, norm_input_grads))
 
+    def forward_(x_seq, residual, v_init, decay, opts, surrogate, norm, keep_state):
+        if norm is None:
+            return scan(x_seq, residual, v_init, decay, opts, surrogate, keep_state=keep_state)
+        return norm_scan(x_seq, residual, v_init, decay, opts, surrogate, norm, keep_state)
 
-EAGER = Kernels(forward_scan, backward, batch_stats, norm_forward_scan, norm_parameter_grads,
-                norm_input_grads)
+    def backward_(x_seq, residual, v_init, grad_spikes, grad_v, decay, opts, surrogate, mask,
+                  want_decay, norm):
+        args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, opts, surrogate, mask)
+        if norm is None:
+            grad_x, grad_v0, grad_decay = back(*args, want_decay)
+            return grad_x, grad_x if residual is not None else None, grad_v0, grad_decay, None, None
+        # two passes: the parameter gradients (reductions only), then the input's from them
+        grad_weight, grad_bias, grad_v0, grad_decay = norm_params(*args, want_decay, norm)
+        grad_x, grad_residual = norm_inputs(*args, norm, grad_weight, grad_bias)
+        return grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias
 
-
-@functools.lru_cache(maxsize=None)
-def _built(mode: str) -> Kernels:
-    if mode == "triton":
-        from . import triton_lif  # imports triton: only when this backend runs
-        return Kernels(triton_lif.forward_scan, triton_lif.backward, None, None, None, None)
-    return Kernels(*map(_compiled, EAGER)) if mode == "fused" else EAGER
-
-
-def kernels(mode: str) -> Kernels:
-    """The functions of a backend: ``eager``, ``fused`` (compiled) or ``triton`` (no folded
-    norm); built once per mode, since every layer asks for them in forward and backward.
-    Inside ``torch.compile`` (a whole model compiled) the plain functions, which the
-    compiler traces into its own graph."""
-    return EAGER if torch.compiler.is_compiling() else _built(mode)
-
-
-class _FusedLIF(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None,
-                decay: Tensor | float, weight: Tensor | None, bias: Tensor | None,
-                stats: tuple[Tensor, Tensor] | None, opts: tuple, surrogate: Any,
-                mode: str, keep_state: bool) -> tuple[Tensor, Tensor | None]:
-        fns = kernels(mode)
-        if stats is None:
-            spikes, v_final = fns.forward_scan(x_seq, residual, v_init, decay, opts, surrogate,
-                                               keep_state=keep_state)
-        else:
-            spikes, v_final = fns.norm_forward_scan(x_seq, residual, v_init, decay, opts, surrogate,
-                                                    (weight, bias, *stats), keep_state)
-        ctx.opts, ctx.surrogate, ctx.mode, ctx.norm = opts, surrogate, mode, stats is not None
-        ctx.decay_is_tensor = isinstance(decay, Tensor)
-        ctx.decay = None if ctx.decay_is_tensor else decay
-        ctx.save_for_backward(x_seq, residual, v_init, decay if ctx.decay_is_tensor else None,
-                              weight, bias, *(stats or (None, None)))
-        return spikes, v_final
-
-    @staticmethod
-    def backward(ctx: Any, grad_spikes: Tensor | None, grad_v: Tensor | None):
-        x_seq, residual, v_init, decay_t, *norm = ctx.saved_tensors
-        decay = decay_t if ctx.decay_is_tensor else ctx.decay
-        surrogate, mask = ctx.surrogate.split_mask(x_seq)  # MSG's mask is drawn here, eagerly
-        grad_spikes = torch.zeros_like(x_seq) if grad_spikes is None else grad_spikes
-        want_decay = ctx.decay_is_tensor and ctx.needs_input_grad[3]
-        fns = kernels(ctx.mode)
-        args = (x_seq, residual, v_init, grad_spikes, grad_v, decay, ctx.opts, surrogate, mask)
-        grad_weight = grad_bias = None
-        if ctx.norm:  # two passes: the parameter gradients, then the input's from them
-            norm = tuple(norm)
-            grad_weight, grad_bias, grad_v0, grad_decay = fns.norm_parameter_grads(*args, want_decay, norm)
-            grad_x, grad_residual = fns.norm_input_grads(*args, norm, grad_weight, grad_bias)
-        else:
-            grad_x, grad_v0, grad_decay = fns.backward(*args, want_decay)
-            grad_residual = grad_x if residual is not None else None
-        if grad_decay is not None:
-            grad_decay = grad_decay.to(decay_t.dtype)
-        return (grad_x, grad_residual, grad_v0, grad_decay, grad_weight, grad_bias, None, None, None, None, None)
-
-
-def _rows(t: Tensor, order: list[int], channels: bool) -> Tensor:
-    """``t: [T, ...]`` as ``[T, N]`` rows in ``order``'s memory layout (a view when it has it);
-    with ``channels``, ``t: [T, B, C, ...]`` as ``[T, P, C, Q]`` (P, Q: the dims before and
-    after the channel's in memory)."""
-    lined = t.permute(order)
-    if not channels:
-        return lined.reshape(t.shape[0], -1)
-    at = order.index(2)
-    return lined.reshape(t.shape[0], math.prod(lined.shape[1:at]), t.shape[2], -1)
-
-
-def _unrows(rows: Tensor, like: Tensor, order: list[int]) -> Tensor:
-    """``_rows``' inverse: ``rows`` viewed with ``like``'s shape (and its strides when dense)."""
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return rows.view([like.shape[d] for d in order]).permute(inverse)
-
-
-def lif(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_input: bool,
-        v_threshold: float, v_reset: float | None, detach_reset: bool, surrogate: Any,
-        mode: str = "fused", residual: Tensor | None = None, norm: Any = None,
-        keep_state: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Fused LIF over the input ``x_seq (+ residual)``, ``[T, B, ...]``, from ``v_init: [B, ...]``
-    (None: resting); returns ``(spikes [T, B, ...], v_final [B, ...])`` (``v_final`` None,
-    and never computed, unless ``keep_state``). The residual is
-    added inside, so the sum is never stored: backward keeps ``x_seq`` and ``residual``,
-    which the layers before it keep anyway. ``mode``: ``"fused"`` (compiled), ``"eager"``
-    or ``"triton"``.
-
-    ``norm`` (``eager``/``fused``, not inside ``torch.compile``): a training-mode batch
-    norm over ``x_seq: [T, B, C, ...]``'s channels, folded into the loop (the normalised
-    input is never written, and backward keeps ``x_seq`` instead). It is any object with
-    ``weight``, ``bias`` (``[C]``), ``eps`` and ``record(mean, var, count)``, which is
-    handed the batch statistics (``memory.BatchNorm2d``).
-
-    The kernels see every tensor as ``[T, N]`` rows (``[T, P, C, Q]`` with ``norm``) in
-    ``x_seq``'s memory layout (channels-last included, without a copy); the spikes come
-    back in that layout. Inside ``torch.compile`` the tensors go in as they are."""
-    opts = (decay_input, v_threshold, v_reset, detach_reset)
-    if torch.compiler.is_compiling():  # inductor plans its own loops; rows would add symbolic reshapes
-        return _FusedLIF.apply(x_seq, residual, v_init, decay, None, None, None, opts, surrogate, mode,
-                               keep_state)
-    order = memory_order(x_seq) or list(range(x_seq.dim()))
-    channels = norm is not None
-    rows = _rows(x_seq, order, channels)
-    weight = bias = stats = None
-    if norm is not None:
-        with torch.no_grad():
-            mean, var, rstd = kernels(mode).batch_stats(rows.detach(), norm.eps)
-        norm.record(mean, var, rows.numel() // rows.shape[2])
-        weight, bias, stats = norm.weight, norm.bias, (mean, rstd)
-    spikes, v_final = _FusedLIF.apply(
-        rows, None if residual is None else _rows(residual, order, channels),
-        None if v_init is None else _rows(v_init.unsqueeze(0), order, channels)[0], decay,
-        weight, bias, stats, opts, surrogate, mode, keep_state)
-    v_final = None if v_final is None else _unrows(v_final.unsqueeze(0), x_seq[:1], order)[0]
-    return _unrows(spikes, x_seq, order), v_final
+    return KernelSet(forward_, backward_, stats, lambda x_seq, surrogate: True)

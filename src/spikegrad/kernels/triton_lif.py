@@ -1,8 +1,9 @@
 """Triton kernels for the multi-step LIF on CUDA: the two time scans of ``kernels.fused``.
 
-Backend ``"triton"`` (chosen by ``"auto"`` for CUDA tensors when triton imports) runs
-the same algorithm as ``"fused"`` with the loops over T written as Triton kernels, one
-program per block of neurons with the membrane in registers:
+Backend ``"triton"`` (what the operator ``torch.ops.spikegrad.lif`` runs for CUDA
+tensors when triton is installed) runs the same algorithm as ``"fused"`` with the loops
+over T written as Triton kernels, one program per block of neurons with the membrane in
+registers:
 
 - ``forward_scan``: spikes and the final membrane from ``x (+ residual)``;
 - ``membranes``: the same kernel writing the pre-spike membranes ``h`` (backward
@@ -13,8 +14,12 @@ program per block of neurons with the membrane in registers:
 The surrogate derivative between the two backward scans stays in torch
 (``fused.slopes`` on the whole ``[T, ...]``), so every surrogate (Dspike's temperature,
 AdaLi's bounds, MSG's mask) works unchanged. Inputs
-are computed in float32 (float16/bfloat16 are loaded and stored in their own dtype).
-This module imports triton; ``spikegrad`` imports it only when the backend is used.
+are computed in float32 (float16/bfloat16 are loaded and stored in their own dtype);
+float64 and non-spiking surrogates run ``"fused"`` instead (``KERNELS.supports``). A
+folded batch norm is applied before the forward kernel (its output written) and
+differentiated in torch (``fused.norm_backward_unfused``).
+This module imports triton; ``spikegrad`` imports it only when the backend is used
+(``kernels.lif``), and it imports only ``kernels.fused`` of spikegrad.
 Tested on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
@@ -26,9 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .fused import decay_gradient, slopes
+from .fused import KernelSet, batch_stats, decay_gradient, norm_backward_unfused, normalised, slopes
 
-__all__ = ["forward_scan", "membranes", "backward_scan", "backward", "DTYPES"]
+__all__ = ["forward_scan", "membranes", "backward_scan", "backward", "DTYPES", "KERNELS"]
 
 BLOCK = 256
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -142,3 +147,21 @@ def backward(x_seq: Tensor, residual: Tensor | None, v_init: Tensor | None, grad
                   if want_decay else None)
     grad_v0 = None if v_init is None else grad_h[0] * keep
     return grad_h * decay if opts[0] else grad_h, grad_v0, grad_decay
+
+
+def _forward(x_seq, residual, v_init, decay, opts, surrogate, norm, keep_state):
+    x_seq = x_seq if norm is None else normalised(x_seq, norm)
+    return forward_scan(x_seq, residual, v_init, decay, opts, surrogate, keep_state)
+
+
+def _backward(x_seq, residual, v_init, grad_spikes, grad_v, decay, opts, surrogate, mask, want_decay, norm):
+    if norm is not None:
+        return norm_backward_unfused(backward, x_seq, residual, v_init, grad_spikes, grad_v, decay, opts,
+                                     surrogate, mask, want_decay, norm)
+    grad_x, grad_v0, grad_decay = backward(x_seq, residual, v_init, grad_spikes, grad_v, decay, opts,
+                                           surrogate, mask, want_decay)
+    return grad_x, grad_x if residual is not None else None, grad_v0, grad_decay, None, None
+
+
+KERNELS = KernelSet(_forward, _backward, batch_stats,
+                    lambda x_seq, surrogate: surrogate.spiking and x_seq.dtype in DTYPES)
