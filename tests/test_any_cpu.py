@@ -15,9 +15,10 @@ import sys
 import textwrap
 
 import pytest
-
+import torch
 from torch import nn
 
+from spikegrad import layers
 from spikegrad.layers import channels_last_is_safe
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165",
@@ -103,3 +104,24 @@ def test_a_compiled_model_runs_clean():
         churn()
     print("clean")
     """)
+
+
+@pytest.mark.parametrize("capability, limit, kind", [
+    ("AVX512", "", "avx512"), ("AVX512", "AVX512_CORE", "avx512"), ("AVX512", "AVX2", "avx2"),
+    ("AVX2", "", "avx2"), ("AVX2", "SSE41", "other"), ("DEFAULT", "", "other"), ("AVX512", "SSE41", "other"),
+])
+def test_the_cpu_kind_follows_the_capability_and_onednns_own_limit(monkeypatch, capability, limit, kind):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert layers.cpu_kind() == kind
+
+
+@pytest.mark.parametrize("kind, side, last", [("avx512", 4, False), ("avx512", 8, True), ("avx2", 4, True),
+                                              ("avx2", 2, False), ("other", 4, False)])
+def test_the_layout_rule_is_the_cpu_kinds(monkeypatch, kind, side, last):
+    monkeypatch.setattr(layers, "_MIN_PIXELS", layers.CHANNELS_LAST_MIN_PIXELS[kind])
+    conv = layers.Conv2d(16, 16, 3, 1, 1, bias=False)
+    conv.channels_last = True
+    out = conv(torch.rand(2, 16, side, side))
+    assert out.is_contiguous(memory_format=torch.channels_last) == last
+    assert out.is_contiguous() != last

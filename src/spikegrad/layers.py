@@ -7,6 +7,7 @@ as they are.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -23,7 +24,7 @@ from .surrogate import Surrogate
 __all__ = [
     "flatten_time", "unflatten_time", "SeqToANN", "DirectEncoder", "PoissonEncoder", "ENCODERS",
     "NEURON_DEFAULTS", "NEURONS", "NeuronEntry", "neuron_config", "make_neuron", "ClampReLU",
-    "neuron_layers", "Conv2d", "CHANNELS_LAST_MIN_PIXELS", "UNSAFE_1X1_MAX_IN_CHANNELS",
+    "neuron_layers", "Conv2d", "cpu_kind", "CHANNELS_LAST_MIN_PIXELS", "UNSAFE_1X1_MAX_IN_CHANNELS",
     "channels_last_is_safe", "compile_model", "ConvBN", "conv_bn", "AvgPool2x2",
     "SpikingConvStack", "spiking_conv_stack", "Head",
 ]
@@ -190,9 +191,27 @@ def neuron_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, (BaseNeuron, ClampReLU))]
 
 
-# oneDNN's channels-last convolutions win on CPU from 8x8 maps up and lose on smaller ones
-# (512 channels at 4x4: 1.4x slower than contiguous; docs/performance.md)
-CHANNELS_LAST_MIN_PIXELS = 64
+def cpu_kind() -> str:
+    """The vector instruction set oneDNN's convolutions run on here: ``"avx512"``,
+    ``"avx2"`` (AMD hosts, older Intel ones, or ``ONEDNN_MAX_CPU_ISA`` set to an AVX2 level)
+    or ``"other"`` (no AVX2, or not x86)."""
+    capability = torch.backends.cpu.get_cpu_capability()  # ATen's: "AVX512", "AVX2", "DEFAULT", ...
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper()
+    if capability == "AVX512" and (not limit or limit == "ALL" or limit.startswith("AVX512")
+                                   or limit.startswith("AVX10")):
+        return "avx512"
+    if capability in ("AVX512", "AVX2") and (not limit or "AVX" in limit):
+        return "avx2"
+    return "other"
+
+
+# Smallest map (pixels) run channels-last, by CPU kind: on AVX-512 oneDNN's channels-last
+# convolutions win from 8x8 up and lose below (512 channels at 4x4: 1.48x contiguous); on
+# AVX2 they win down to 4x4 and tie at 2x2 (docs/performance.md,
+# "CPU kinds: AVX2 and AVX-512"); elsewhere (not measured) the AVX-512 rule
+CHANNELS_LAST_MIN_PIXELS = {"avx512": 64, "avx2": 16, "other": 64}
+
+
 # oneDNN 3.x (inside torch 2.13) corrupts the heap in the channels-last weight gradient of
 # strided 1x1 convolutions with 2 to 7 input channels on AVX2 CPUs; the margin covers a
 # 16-float SIMD width (docs/performance.md, "Convolutions oneDNN must not run channels-last")
@@ -208,8 +227,9 @@ def channels_last_is_safe(conv: nn.Conv2d) -> bool:
 
 class Conv2d(nn.Conv2d):
     """``nn.Conv2d`` on ``[N, C, H, W]`` that, when ``channels_last`` (``create_model`` sets it),
-    runs channels-last on CPU maps of at least ``CHANNELS_LAST_MIN_PIXELS`` pixels and
-    contiguous on smaller ones; the output keeps that layout. Same parameters and values.
+    runs channels-last on CPU maps of at least ``CHANNELS_LAST_MIN_PIXELS[cpu_kind()]``
+    pixels and contiguous on smaller ones; the output keeps that layout. Same parameters
+    and values.
 
     A convolution oneDNN cannot run channels-last safely (``channels_last_is_safe``) runs
     contiguous on CPU whatever the flag and the input's layout.
@@ -225,9 +245,12 @@ class Conv2d(nn.Conv2d):
             weight = self.weight.contiguous()  # oneDNN goes channels-last if either operand is
             return self._conv_forward(relayout(x, torch.contiguous_format), weight, self.bias)
         if self.channels_last:
-            large = x.shape[-2] * x.shape[-1] >= CHANNELS_LAST_MIN_PIXELS
+            large = x.shape[-2] * x.shape[-1] >= _MIN_PIXELS
             x = relayout(x, torch.channels_last if large else torch.contiguous_format)
         return super().forward(x)
+
+
+_MIN_PIXELS = CHANNELS_LAST_MIN_PIXELS[cpu_kind()]  # this machine's, read once at import
 
 
 def compile_model(model: nn.Module, **kwargs: Any) -> nn.Module:
