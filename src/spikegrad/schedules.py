@@ -99,17 +99,28 @@ class AdaLiSchedule:
 
 
 class DspikeTemperature:
-    """Dspike's temperature search (docs/methods.md, "Dspike temperature search"): once per epoch keep the ``b`` among
-    ``b - Δb, b, b + Δb`` whose first-layer weight gradient best matches (cosine) a
-    finite-difference estimate of the true one.
+    """Dspike's temperature search (docs/methods.md, "Dspike temperature search"): keep the
+    ``b`` among ``b, b - Δb, b + Δb`` whose first-layer weight gradient best matches
+    (cosine) a finite-difference estimate of the true one.
 
     The finite-difference gradient is estimated along ``directions`` random unit
-    directions with central differences of step ``eps`` (2K forward passes); the
-    surrogate gradients are compared in the same K-dimensional projection.
+    directions with central differences of step ``eps`` (``relative_eps``: ``eps`` times
+    the weight's norm, so the step moves spikes whatever the layer's scale), 2K forward
+    passes; the surrogate gradients are compared in the same K-dimensional projection.
+    ``train_mode``: the estimate runs the model in training mode (batch statistics in
+    every batch norm, as in a training step; the running statistics are restored after),
+    otherwise in eval mode. When no difference moves the loss (no spike flipped) the
+    estimate says nothing and ``b`` stays; ties keep the current ``b``. ``last_cosines``
+    (of ``b - Δb, b, b + Δb``) and ``last_zero`` (differences that were exactly 0)
+    describe the last search.
     """
 
-    def __init__(self, b0: float, delta: float, eps: float, directions: int, seed: int = 0) -> None:
+    def __init__(self, b0: float, delta: float, eps: float, directions: int, seed: int = 0, *,
+                 relative_eps: bool = False, train_mode: bool = False) -> None:
         self.b, self.delta, self.eps, self.directions, self.seed = b0, delta, eps, directions, seed
+        self.relative_eps, self.train_mode = relative_eps, train_mode
+        self.last_cosines: list[float] = []
+        self.last_zero = 0
 
     def state_dict(self) -> dict:
         """The current temperature (everything else is configuration)."""
@@ -120,44 +131,58 @@ class DspikeTemperature:
         self.b = float(state["b"])
 
     @torch.no_grad()
-    def _directional_derivatives(self, loss: Callable[[], Tensor], weight: nn.Parameter,
-                                 dirs: Tensor) -> Tensor:
+    def _directional_derivatives(self, loss: Callable[[], Tensor], weight: nn.Parameter, dirs: Tensor,
+                                 step: float) -> Tensor:
         out = []
         for u in dirs:
-            weight += self.eps * u
+            weight += step * u
             up = loss()
-            weight -= 2 * self.eps * u
+            weight -= 2 * step * u
             down = loss()
-            weight += self.eps * u
-            out.append((up - down) / (2 * self.eps))
+            weight += step * u
+            out.append((up - down) / (2 * step))
         return torch.stack(out)
 
     def step(self, model: nn.Module, weight: nn.Parameter, surrogates: list[sg.Dspike],
              loss: Callable[[], Tensor], epoch: int) -> float:
         """Choose and set the temperature on every Dspike in ``surrogates``; returns it.
 
-        ``loss()`` evaluates the training loss of ``model`` on one fixed batch; the model is
-        switched to eval mode for the estimate (no BatchNorm statistics change).
+        ``loss()`` evaluates the training loss of ``model`` on one fixed batch. The model's
+        mode and buffers are as before afterwards.
         """
         was_training = model.training
-        model.eval()
+        buffers = [(b, b.clone()) for b in model.buffers()]
+        model.train(self.train_mode)
+        try:
+            best = self._search(weight, surrogates, loss, epoch)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            model.train(was_training)
+        for s in surrogates:
+            s.b = best
+        self.b = best
+        return best
+
+    def _search(self, weight: nn.Parameter, surrogates: list[sg.Dspike], loss: Callable[[], Tensor],
+                epoch: int) -> float:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         dirs = torch.randn((self.directions, *weight.shape), generator=gen).to(weight)
         dirs /= dirs.flatten(1).norm(dim=1).view(-1, *([1] * weight.dim()))
-        numeric = self._directional_derivatives(loss, weight, dirs)
-        best, best_cos = self.b, -2.0
-        for b in (self.b - self.delta, self.b, self.b + self.delta):
-            if b <= 0:
-                continue
+        step = self.eps * float(weight.detach().norm()) if self.relative_eps else self.eps
+        numeric = self._directional_derivatives(loss, weight, dirs, step)
+        self.last_zero = int((numeric == 0).sum())
+        candidates = [b for b in (self.b, self.b - self.delta, self.b + self.delta) if b > 0]
+        cosines = {}
+        for b in candidates:
             for s in surrogates:
                 s.b = b
             (grad,) = torch.autograd.grad(loss(), weight)
             projected = (dirs.flatten(1) @ grad.flatten()).to(numeric.dtype)
-            cos = float(torch.nn.functional.cosine_similarity(projected, numeric, dim=0))
-            if cos > best_cos:
-                best, best_cos = b, cos
-        for s in surrogates:
-            s.b = best
-        self.b = best
-        model.train(was_training)
-        return best
+            cosines[b] = float(torch.nn.functional.cosine_similarity(projected, numeric, dim=0))
+        self.last_cosines = [cosines.get(b, float("nan")) for b in
+                             (self.b - self.delta, self.b, self.b + self.delta)]
+        if self.last_zero == len(numeric):
+            return self.b
+        return max(candidates, key=lambda b: cosines[b])  # the first (current b) wins ties
