@@ -89,16 +89,21 @@ def triton_installed() -> bool:
 
 
 def _compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)`` run with a recompile limit of ``RECOMPILE_LIMIT`` for its own
-    frames only (dynamo's default of 8 is too few for every surrogate, option and dtype)."""
+    """``torch.compile(fn)`` run with a recompile limit of at least ``RECOMPILE_LIMIT`` for
+    its own frames only (dynamo's default of 8 is too few for every surrogate, option and
+    dtype); the process's setting is restored after each call."""
     compiled = torch.compile(fn)
     config = torch._dynamo.config
-    limit = {"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": RECOMPILE_LIMIT}
+    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        with config.patch(**limit):
+        outer = getattr(config, key)  # set and restored directly: config.patch costs twice as much
+        setattr(config, key, max(outer, RECOMPILE_LIMIT))
+        try:
             return compiled(*args, **kwargs)
+        finally:
+            setattr(config, key, outer)
     return run
 
 
