@@ -89,7 +89,7 @@ def touched(loss, params):
 
 
 @pytest.mark.parametrize("name,kw", [("plain-8", {}), ("resnet20", {}), ("resnet18", {"sew": True}),
-                                     ("resnet19", {})])
+                                     ("resnet19", {}), ("ltl-vgg11", {"norm": "none"})])
 def test_each_local_loss_reaches_only_its_own_layer_and_ce_only_the_classifier(name, kw):
     net = tandem(name, **kw)
     x, y = batch()
@@ -106,6 +106,35 @@ def test_each_local_loss_reaches_only_its_own_layer_and_ce_only_the_classifier(n
         assert owned["layer2.0.sn2"] == conv_bn("layer2.0.conv2") | conv_bn("layer2.0.downsample")
     if name == "plain-8":
         assert owned["stage3.sn2"] == conv_bn("stage3.conv2")
+    if name == "ltl-vgg11":  # the two hidden FC layers learn from their own local losses
+        assert owned["head.hidden.sn1"] == {"head.hidden.fc1.weight", "head.hidden.fc1.bias"}
+        assert owned["head.hidden.sn2"] == {"head.hidden.fc2.weight", "head.hidden.fc2.bias"}
+
+
+def test_local_weight_scales_the_local_losses_and_q_sets_the_target_quantile():
+    x, y = batch()
+    losses = []
+    for weight in (1.0, 3.0):
+        method = LTL(RateCE(), teacher="unused.pt", local_weight=weight, q=0.9)
+        student = create_model("plain-8", **ARGS)
+        student.load_state_dict(tandem("plain-8").student.state_dict())
+        net = method.wrap(student)
+        object.__setattr__(net, "_teacher", tandem("plain-8").teacher)
+        assert net.q == 0.9
+        torch.manual_seed(1)
+        out = net(x)
+        local = torch.stack(list(out.local.values())).sum()
+        loss, logits = method.loss(out, y)
+        torch.testing.assert_close(loss, RateCE().loss(logits, y) + weight * local)
+        losses.append(float(local.detach()))
+    assert losses[0] == pytest.approx(losses[1])
+    teacher = tandem("plain-8").teacher
+    first = neuron_layers(teacher)[0][1]
+    seen = []
+    handle = first.register_forward_hook(lambda m, a, out: seen.append(out))
+    teacher(x)
+    handle.remove()
+    torch.testing.assert_close(net.targets(x)["stage1.sn1"], normalise_target(seen[0].mean(0), 0.9))
 
 
 def test_finetune_epochs_switch_to_end_to_end_training():

@@ -152,12 +152,15 @@ class TandemNet(nn.Module):
     trained run never needs the teacher file. The teacher is not a submodule: the
     ``state_dict`` holds ``student.*`` only, and ``train()``/``to()`` leave it alone.
     ``local``: compute the local losses (True) or train end to end (False, fine-tuning).
+    ``q``: the quantile that normalises the targets (``normalise_target``).
     """
 
-    def __init__(self, student: SpikingNet, teacher: nn.Module | str | Path, local: bool = True) -> None:
+    def __init__(self, student: SpikingNet, teacher: nn.Module | str | Path, local: bool = True,
+                 q: float = PERCENTILE) -> None:
         super().__init__()
         self.student = student
         self.local = local
+        self.q = q
         self.neurons = neuron_layers(student)
         if isinstance(teacher, nn.Module):
             check_teacher(teacher, student)
@@ -180,12 +183,12 @@ class TandemNet(nn.Module):
     @torch.no_grad()
     def targets(self, x: Tensor) -> dict[str, Tensor]:
         """``{neuron layer name: A_norm [B, ...]}``: the teacher's activations on ``x`` (averaged
-        over its time steps, one for an ANN twin), normalised by ``normalise_target``."""
+        over its time steps, one for an ANN twin), normalised by ``normalise_target`` with ``q``."""
         teacher = self.teacher
         seen: dict[str, Tensor] = {}
         with _forward_hooks(neuron_layers(teacher), lambda name, out: seen.__setitem__(name, out)):
             teacher(x)
-        return {name: normalise_target(a.mean(0)) for name, a in seen.items()}
+        return {name: normalise_target(a.mean(0), self.q) for name, a in seen.items()}
 
     def tandem(self, x: Tensor) -> TandemOutput:
         """The student on ``x`` with every neuron's output passed on detached, and each neuron
@@ -222,18 +225,24 @@ class LTL(Method):
     loss is ``objective(logits) + sum_l local_l`` (any objective: rate CE, TET, TWO); the
     last ``finetune_epochs`` epochs train end to end with the objective alone. With
     ``init_from_teacher`` the student starts from the teacher's weights (the teacher file
-    is then read when the run starts; a resumed run's checkpoint overrides them)."""
+    is then read when the run starts; a resumed run's checkpoint overrides them).
+    ``local_weight`` (C, 1 in the paper) multiplies the local losses; since every hidden
+    layer learns from its own local loss alone, C only rescales the hidden layers' gradients
+    against the classifier's (Adam's per-parameter step normalisation undoes it). ``q`` is
+    the targets' normalising quantile (0.999 in the paper)."""
 
     name = "ltl"
 
     def __init__(self, objective: RateCE, teacher: str | Path | nn.Module | None,
-                 finetune_epochs: int = 0, init_from_teacher: bool = False) -> None:
+                 finetune_epochs: int = 0, init_from_teacher: bool = False,
+                 local_weight: float = 1.0, q: float = PERCENTILE) -> None:
         super().__init__(objective)
         if teacher is None:
             raise ValueError("method 'ltl' needs a teacher: --set teacher=RUN_DIR/checkpoints/best.pt "
                              "(a method=ann run of the same model) or an exported model file")
         self.teacher, self.finetune_epochs = teacher, finetune_epochs
         self.init_from_teacher = init_from_teacher
+        self.local_weight, self.q = local_weight, q
 
     @classmethod
     def from_config(cls, method_cfg: Any, objective: RateCE) -> "LTL":
@@ -242,7 +251,7 @@ class LTL(Method):
     def wrap(self, model: nn.Module) -> TandemNet:
         """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step, or
         now to initialise the student from it)."""
-        self.net = TandemNet(model, self.teacher)
+        self.net = TandemNet(model, self.teacher, q=self.q)
         if self.init_from_teacher:
             self.net.init_from_teacher()
         return self.net
@@ -256,9 +265,10 @@ class LTL(Method):
         self.net.local = epoch < epochs - self.finetune_epochs
 
     def loss(self, output: TandemOutput | Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(objective(logits) + sum_l local_l, logits [T, B, K])``; the objective alone for plain logits."""
+        """``(objective(logits) + local_weight * sum_l local_l, logits [T, B, K])``; the objective
+        alone for plain logits."""
         if isinstance(output, Tensor):  # evaluation or end-to-end fine-tuning
             return self.objective.loss(output, target), output
         local = torch.stack(list(output.local.values())).sum()
-        return self.objective.loss(output.logits, target) + local, output.logits
+        return self.objective.loss(output.logits, target) + self.local_weight * local, output.logits
 

@@ -1,9 +1,9 @@
 """The model registry: ``create_model(name, num_classes=10, **kw)`` and ``list_models()``.
 
 Names (lowercase): ``resnet18``, ``resnet19``, ``resnet20``, ``resnet34``, ``vgg11``,
-``vgg16``, ``vggsnn``, ``cifarnet`` (the MSG paper's CIFAR net) and ``plain-N`` for N in
-8..40. Shapes and stages: each builder's docstring; every model is a ``SpikingNet`` (see
-there for its attributes). Register your own with
+``vgg16``, ``vggsnn``, ``cifarnet`` (the MSG paper's CIFAR net), ``ltl-vgg11`` (the LTL
+paper's VGG-11) and ``plain-N`` for N in 8..40. Shapes and stages: each builder's
+docstring; every model is a ``SpikingNet`` (see there for its attributes). Register your own with
 ``MODELS.register("mynet", ModelEntry(builder, {}))``: ``builder(ctx, **options)`` gets a
 ``base.Context`` and returns a ``base.Body``, like the builders here.
 """
@@ -17,7 +17,7 @@ from .. import surrogate as sg
 from ..layers import ENCODERS, Conv2d, neuron_config
 from ..neuron import BACKENDS
 from ..registry import Registry
-from . import cifarnet, plain, resnet, vgg
+from . import cifarnet, ltl_vgg, plain, resnet, vgg
 from .base import Body, Context, SpikingNet, init_gain, init_weights
 
 __all__ = ["create_model", "list_models", "MODELS", "ModelEntry", "SpikingNet", "NORMS"]
@@ -41,6 +41,7 @@ for _name, _builder in {"resnet18": resnet.resnet18, "resnet19": resnet.resnet19
 for _arch in vgg.VGG_STAGES:
     MODELS.register(_arch, ModelEntry(functools.partial(vgg.vgg, arch=_arch), {}))
 MODELS.register("cifarnet", ModelEntry(cifarnet.cifarnet, {}))
+MODELS.register("ltl-vgg11", ModelEntry(ltl_vgg.ltl_vgg11, {}))
 for _depth in plain.DEPTHS:
     MODELS.register(f"plain-{_depth}", ModelEntry(functools.partial(plain.plain, depth=_depth), {}))
 
