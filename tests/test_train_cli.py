@@ -122,3 +122,53 @@ def test_nir_export_and_eval_through_the_cli(run_dir, tmp_path, capsys):
     from_nir = capsys.readouterr().out.splitlines()[0]
     main(["eval", str(run_dir / "checkpoints" / "best.pt"), "--limit", "500"])
     assert capsys.readouterr().out.splitlines()[0] == from_nir
+
+
+def test_list_names_come_from_the_registries(capsys):
+    from spikegrad import data, layers, losses, methods, models, surrogate
+
+    expected = {"models": models.list_models(), "surrogates": surrogate.SURROGATES.names(),
+                "neurons": layers.NEURONS.names(), "methods": methods.METHODS.names(),
+                "losses": losses.LOSSES.names(), "datasets": data.DATASETS.names()}
+    for kind, names in expected.items():
+        capsys.readouterr()
+        main(["list", kind])
+        assert capsys.readouterr().out.split() == names and names, kind
+    main(["list", "configs"])
+    configs = capsys.readouterr().out.split()
+    assert "configs/default.yaml" in configs and all(c.endswith(".yaml") for c in configs)
+
+
+def test_print_config_resolves_without_training(tmp_path, capsys):
+    capsys.readouterr()
+    main(["train", "--config", "configs/default.yaml", "--set", "model.T=3", "--set", f"out={tmp_path}",
+          "--print-config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    from spikegrad.config import to_dict
+    assert printed == to_dict(load_config("configs/default.yaml", ["model.T=3", f"out={tmp_path}"]))
+    assert printed["model"]["T"] == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_bare_train_is_named_apart_from_the_default_config_and_help_points_to_list():
+    from spikegrad.config import Config
+
+    assert Config().name != yaml.safe_load(open("configs/default.yaml"))["name"]
+    proc = subprocess.run([sys.executable, "-m", "spikegrad", "train", "--help"], capture_output=True,
+                          text=True, timeout=120)
+    text = " ".join(proc.stdout.split())
+    assert "spikegrad list configs" in text and "--print-config" in text and "code-defaults" in text
+
+
+def test_plain_progress_lines_when_stderr_is_no_terminal(tmp_path):
+    """nohup / SLURM / CI: the run directory first, then plain progress lines (no tqdm bars)."""
+    proc = subprocess.run([sys.executable, "-m", "spikegrad", "train", *_sets(
+        ["epochs=1", "data.limit_train=128", "data.limit_test=64", "model.width=0.125", "model.T=2",
+         "batch_size=32", "neuron.backend=eager", "progress_every=0.000001", f"out={tmp_path}", "name=p"])],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == f"spikegrad: run directory {tmp_path / 'p'} (1 epoch)"
+    steps = [line for line in lines if line.startswith("epoch 1/1 step ")]
+    assert [line.split(":")[0] for line in steps] == ["epoch 1/1 step 1/4", "epoch 1/1 step 2/4",
+                                                      "epoch 1/1 step 3/4"]
+    assert "\r" not in proc.stderr

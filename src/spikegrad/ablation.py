@@ -36,7 +36,7 @@ __all__ = ["AblationRun", "ablation_name", "plan", "check_run_dir", "train", "su
 
 # keys that may differ between a run directory's config and the ablation's: where and how a
 # run executes, and what the config says about the paper, not what the run computes
-INFRASTRUCTURE = ("device", "data.root", "data.num_workers", "log_every", "checkpoint_every",
+INFRASTRUCTURE = ("device", "data.root", "data.num_workers", "log_every", "checkpoint_every", "progress_every",
                   "expected_accuracy", "expected_source")
 GRAD = "grad_norm/"
 # table columns: (summary key, header, decimals)

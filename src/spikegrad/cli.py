@@ -1,11 +1,14 @@
-"""``spikegrad train | eval | export | plot | bench | ablation``.
+"""``spikegrad train | eval | export | plot | bench | ablation | list``.
 
 Bad input (config, paths, datasets, checkpoints, shapes) ends in one line on stderr
-and exit code 2; nothing already written is touched.
+and exit code 2; nothing already written is touched (docs/reliability.md). A run that
+cannot go on (non-finite loss or weights) ends in one line and exit code 1; Ctrl-C in
+one line and exit code 130.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -14,23 +17,81 @@ __all__ = ["main"]
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .config import load_config
+    import yaml
+
+    from .config import ConfigError, load_config, to_dict
     from .train import Trainer, last_checkpoint
 
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the run directory's own config; drop --config")
-        run_dir = Path(args.resume)
+        if args.overwrite:
+            raise ValueError("--resume continues a run and --overwrite starts it afresh; pass one")
+        if Path(args.resume).is_symlink():
+            raise ConfigError(f"run directory {args.resume!r} is a symbolic link; resume the real directory")
+        run_dir = Path(os.path.normpath(os.path.abspath(args.resume)))
         last_checkpoint(run_dir)  # before reading its config.yaml, for the clearer message
         cfg = load_config(run_dir / "config.yaml", args.set)
         cfg.out, cfg.name = str(run_dir.parent), run_dir.name
     else:
+        if args.allow_change:
+            raise ValueError("--allow-change only concerns --resume")
         cfg = load_config(args.config, args.set)
-    summary = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite).fit()
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return
+    trainer = Trainer(cfg, resume=bool(args.resume), overwrite=args.overwrite, allow_change=args.allow_change)
+    if not args.resume and args.config is None and cfg.name == "code-defaults":
+        print("spikegrad: no --config: training the code defaults as run 'code-defaults' "
+              "(`spikegrad train --config configs/default.yaml` is the documented default run; "
+              "see `spikegrad list configs`)", file=sys.stderr, flush=True)
+    summary = trainer.fit()
     if summary["final_acc"] is None:  # not rank 0 of a distributed run
         return
-    print(f"final test accuracy {summary['final_acc']:.2f}% (best {summary['best_acc']:.2f}%)")
+    best = f"{summary['best_acc']:.2f}%" if summary["best_acc"] >= 0 else "none"
+    print(f"final test accuracy {summary['final_acc']:.2f}% (best {best})")
     print(f"run directory: {summary['run_dir']}")
+
+
+def _repo_configs() -> list[Path]:
+    """Folders that may hold the project's configs/: the current directory's and the source
+    checkout's (beside src/)."""
+    here = Path(__file__).resolve().parents[2] / "configs"
+    return list(dict.fromkeys([Path.cwd() / "configs", here]))
+
+
+def _listing(kind: str) -> list[str]:
+    if kind == "models":
+        from .models import list_models
+        return list_models()
+    if kind == "surrogates":
+        from .surrogate import SURROGATES
+        return SURROGATES.names()
+    if kind == "neurons":
+        from .layers import NEURONS
+        return NEURONS.names()
+    if kind == "methods":
+        from .methods import METHODS
+        return METHODS.names()
+    if kind == "losses":
+        from .losses import LOSSES
+        return LOSSES.names()
+    if kind == "datasets":
+        from .data import DATASETS
+        return DATASETS.names()
+    for folder in _repo_configs():
+        if folder.is_dir():
+            return [str(p.relative_to(folder.parent)) for p in sorted(folder.rglob("*.yaml"))]
+    raise FileNotFoundError(f"no configs/ folder in {' or '.join(str(p) for p in _repo_configs())} "
+                            "(the configs ship with the source checkout)")
+
+
+LIST_KINDS = ("models", "surrogates", "neurons", "methods", "losses", "datasets", "configs")
+
+
+def _cmd_list(args: argparse.Namespace) -> None:
+    for name in _listing(args.kind):
+        print(name)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -45,7 +106,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
         from . import losses
         from .nir import from_nir
 
-        model = from_nir(args.checkpoint)
+        try:
+            model = from_nir(args.checkpoint)
+        except (ValueError, OSError):
+            raise
+        except (KeyError, TypeError, IndexError, AttributeError, RecursionError, OverflowError) as err:
+            # the file's contents drive the reader: an error here is the file's
+            raise ValueError(f"{args.checkpoint!r} is not a readable NIR graph "
+                             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
         if model.T is None:
             raise ValueError(f"{args.checkpoint!r} states no time_steps/encoding in its metadata; "
                              "eval needs a .nir written by spikegrad export")
@@ -89,6 +157,12 @@ def _cmd_export(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix not in (".pt", ".nir"):
         raise ValueError(f"export format is chosen by the suffix; expected .pt or .nir, got {out.name!r}")
+    if out.is_dir():
+        raise IsADirectoryError(21, "is a directory; give a file name", str(out))
+    if out.exists() and out.resolve() == Path(args.checkpoint).resolve():
+        raise ValueError(f"{str(out)!r} is the checkpoint being exported; write the model elsewhere")
+    if (out.exists() or out.is_symlink()) and not args.force:
+        raise FileExistsError(17, "exists; pass --force to overwrite it", str(out))
     model, objective, state = load_inference_model(args.checkpoint)
     if out.suffix == ".nir":
         import warnings
@@ -159,6 +233,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="override a config key, e.g. --set optim.lr=0.05 (repeatable)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
     train.add_argument("--overwrite", action="store_true", help="start an existing run afresh")
+    train.add_argument("--allow-change", action="store_true",
+                       help="with --resume: accept --set overrides that change what the run computes "
+                            "(model, T, seed, data, optimiser...); they are recorded in metrics.jsonl")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config (YAML) and exit without training")
+    train.epilog = ("Without --config the code defaults train as run 'code-defaults'; `make train` "
+                    "runs configs/default.yaml. See `spikegrad list configs` for every config, "
+                    "`spikegrad list models|surrogates|neurons|methods|losses|datasets` for the "
+                    "names a key takes, and --print-config for what a command line resolves to.")
     train.set_defaults(func=_cmd_train)
     ev = sub.add_parser("eval", help="accuracy, firing rates and SOPs of a checkpoint")
     ev.add_argument("checkpoint")
@@ -173,6 +256,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--dt", type=float, default=1e-4,
                     help="time step the NIR neuron parameters are written for (default 1e-4: what "
                          "snnTorch's and SpikingJelly's importers assume; another value warns)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing output file")
     ex.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"),
                     help="image size for .nir (default 28x28 for 1 channel, else 32x32)")
     ex.set_defaults(func=_cmd_export)
@@ -225,22 +309,59 @@ def _parser() -> argparse.ArgumentParser:
                         "mean ± std table and comparison plot")
     ablation_arguments(ab)
     ab.set_defaults(func=_cmd_ablation)
+    ls = sub.add_parser("list", help="registered names: models, surrogates, neurons, methods, losses, "
+                        "datasets; or the configs/ files")
+    ls.add_argument("kind", choices=LIST_KINDS)
+    ls.set_defaults(func=_cmd_list)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error's message, naming the file of an OSError."""
+    if isinstance(err, OSError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror}"
+    if isinstance(err, MemoryError) or _is_allocation_error(err):
+        return f"out of memory ({str(err).splitlines()[0] if str(err) else 'MemoryError'}); try a smaller " \
+               "batch_size, model.width or model.T"
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {first}"
+
+
+def _is_allocation_error(err: BaseException) -> bool:
+    """torch's failed allocations (a RuntimeError, or torch.OutOfMemoryError on GPUs)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and (type(err).__name__ == "OutOfMemoryError"
+                                              or "can't allocate memory" in text
+                                              or "out of memory" in text.lower())
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``spikegrad`` console script."""
+    """Entry point of the ``spikegrad`` console script.
+
+    Exit codes: 0 done; 1 training stopped (non-finite loss or weights, one line); 2 bad
+    input or environment, one line: a ValueError (config, dataset, checkpoint: every
+    reader turns what a file holds into one), an OSError (missing file, disk full,
+    read-only or unwritable place, a directory where a file was expected), an overflow,
+    running out of memory; 130 interrupted. Any other exception is a bug in spikegrad and
+    keeps its traceback.
+    """
     args = _parser().parse_args(argv)
     from .train import TrainingError
 
     try:
         args.func(args)
     except TrainingError as err:
-        print(f"spikegrad: {err}", file=sys.stderr)
+        print(f"spikegrad: {str(err).splitlines()[0]}", file=sys.stderr)
         sys.exit(1)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(f"spikegrad: error: {message}", file=sys.stderr)
+    except (ValueError, OSError, OverflowError, MemoryError) as err:
+        print(f"spikegrad: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except RuntimeError as err:
+        if not _is_allocation_error(err):
+            raise
+        print(f"spikegrad: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("spikegrad: interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,7 +25,11 @@ import yaml
 
 from .defaults import NEURON
 
-__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "choices"]
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "from_dict", "to_dict", "choices",
+           "safe_yaml", "check_run_name", "MAX_CONFIG_BYTES", "MAX_YAML_NODES"]
+
+MAX_CONFIG_BYTES = 1 << 20   # a config file or --set value longer than this is refused
+MAX_YAML_NODES = 100_000     # nodes after alias expansion (an alias bomb expands to billions)
 
 
 class ConfigError(ValueError):
@@ -125,7 +130,7 @@ class SurrogateScheduleConfig:
 @dataclass
 class Config:
     """A whole run. ``surrogate`` is the argument dict of ``surrogate.create``."""
-    name: str = "fmnist-evolutionary"
+    name: str = "code-defaults"  # configs/default.yaml (`make train`) is fmnist-evolutionary
     out: str = "runs"
     seed: int = 0
     device: str = "auto"
@@ -137,6 +142,7 @@ class Config:
     nan_policy: str = "stop"
     log_every: int = 20
     checkpoint_every: Optional[int] = None
+    progress_every: float = 30.0  # seconds between plain progress lines when stderr is no terminal
     sync_bn: bool = False
     expected_accuracy: Optional[float] = None
     expected_source: str = ""
@@ -187,7 +193,7 @@ MINIMUM = {
     "optim.momentum": (0, True), "optim.weight_decay": (0, True), "optim.grad_clip": (0, False),
     "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),
     "data.limit_train": (1, True), "data.limit_test": (1, True), "data.num_workers": (0, True),
-    "data.size": (1, True), "data.cutout": (0, True), "surrogate_schedule.directions": (1, True),
+    "data.size": (1, True), "data.cutout": (0, True), "progress_every": (0, False), "surrogate_schedule.directions": (1, True),
     "surrogate_schedule.delta": (0, False), "surrogate_schedule.eps": (0, False),
 }
 
@@ -217,8 +223,29 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if base in (int, float) and isinstance(value, bool) or not isinstance(value, base):
         raise ConfigError(f"config key {key!r} must be of type {_type_name(tp)}, "
-                          f"got {type(value).__name__} {value!r}")
+                          f"got {type(value).__name__} {_short(value)}")
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
+    if base is int and abs(value) >= 2**62:
+        raise ConfigError(f"config key {key!r} is out of range, got {_short(value)}")
     return value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_run_name(name: str, key: str = "name") -> str:
+    """``name`` if it is one plain path component (the run directory ``<out>/<name>``),
+    else ConfigError: no ``/`` or ``\\``, not ``.``/``..``, no NUL or control characters,
+    at most 200 characters, so a run can never be written outside ``out``."""
+    bad = (not name or name in (".", "..") or any(c in name for c in "/\\") or len(name) > 200
+           or any(ord(c) < 32 or ord(c) == 127 for c in name) or name != name.strip())
+    if bad:
+        raise ConfigError(f"config key {key!r} must be a plain folder name inside 'out' (no '/', "
+                          f"'..', leading or trailing spaces, control characters), got {_short(name)}")
+    return name
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
@@ -260,6 +287,9 @@ def _build(cls: type, data: dict, allowed: dict[str, tuple[str, ...]], prefix: s
 def from_dict(data: dict) -> Config:
     """A validated ``Config`` from a nested dict (missing keys take their defaults)."""
     cfg = _build(Config, data, choices())
+    check_run_name(cfg.name)
+    if not cfg.out or "\0" in cfg.out:
+        raise ConfigError(f"config key 'out' must be a folder path, got {cfg.out!r}")
     _check_surrogate(cfg.surrogate)
     return cfg
 
@@ -272,7 +302,7 @@ def _check_surrogate(args: dict) -> None:
                           f"{', '.join(sg.names())})")
     try:
         sg.create(**args)
-    except ValueError as err:
+    except (ValueError, TypeError, OverflowError) as err:
         raise ConfigError(f"config key 'surrogate': {err}") from None
 
 
@@ -287,7 +317,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = ALIASES.get(key.strip(), key.strip())
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml(raw, f"--set {key}") if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -325,7 +355,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            if path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ConfigError(f"config file {str(path)!r} is larger than {MAX_CONFIG_BYTES} bytes")
+            text = path.read_text()
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+        try:
+            loaded = safe_yaml(text, f"config file {str(path)!r}") or {}
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -346,3 +382,67 @@ def _merge(base: dict, new: dict) -> dict:
         else:
             out[key] = value
     return out
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses a key given twice in one mapping (merge keys
+    ``<<`` excepted: explicit keys override merged ones, as YAML intends)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise ConfigError(f"{self._source}: key {key_node.value!r} appears twice in one "
+                                      f"mapping (line {line})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict, active: set, source: str) -> int:
+    """Nodes of ``node`` once every alias is expanded (memoised: aliases share node objects);
+    ConfigError past ``MAX_YAML_NODES`` or for an alias that contains itself."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise ConfigError(f"{source}: an alias refers to itself (a recursive YAML structure)")
+    active.add(key)
+    total = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [part for pair in node.value for part in pair]
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes, active, source)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(f"{source}: expands to more than {MAX_YAML_NODES} YAML nodes "
+                              "(aliases nested too deeply: refused)")
+    active.discard(key)
+    sizes[key] = total
+    return total
+
+
+def safe_yaml(text: str, source: str = "YAML") -> Any:
+    """``yaml.safe_load(text)`` with limits: at most ``MAX_CONFIG_BYTES`` characters, at most
+    ``MAX_YAML_NODES`` nodes after alias expansion, no recursive aliases, no key twice in a
+    mapping, no nesting deep enough to exhaust the stack. Limits raise ConfigError naming
+    ``source``; malformed YAML raises ``yaml.YAMLError``."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: longer than {MAX_CONFIG_BYTES} characters")
+    loader = _StrictLoader(text)
+    loader._source = source
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set(), source)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply") from None
+    finally:
+        loader.dispose()

@@ -31,7 +31,11 @@ from .base import ImageTensorDataset, resize_images
 from .errors import DatasetError, locate
 from .request import Request
 
-__all__ = ["VARIANTS", "load", "read_pickle"]
+__all__ = ["VARIANTS", "load", "read_pickle", "MAX_MEMBER_BYTES"]
+
+# no file of the official releases is larger (CIFAR-100's train is 155 MB); an archive member
+# claiming more is refused before a byte of it is inflated
+MAX_MEMBER_BYTES = 256 << 20
 
 
 class Variant(NamedTuple):
@@ -118,6 +122,9 @@ def _folder_reader(folder: Path) -> Reader:
             path = folder / member
             if not path.is_file():
                 raise DatasetError(f"{path}: missing file of the official layout")
+            if path.stat().st_size > MAX_MEMBER_BYTES:
+                raise DatasetError(f"{path}: larger than {MAX_MEMBER_BYTES >> 20} MiB; not a file of the "
+                                   "official release: refused")
             out.append((path.read_bytes(), str(path)))
         return out
     return read
@@ -130,6 +137,10 @@ def _archive_reader(archive: Path, prefix: str) -> Reader:
         try:
             with tarfile.open(archive, "r:gz") as tar:
                 for info in tar:  # one pass: a gzip stream cannot seek back cheaply
+                    if info.size > MAX_MEMBER_BYTES or info.issparse():
+                        raise DatasetError(f"{archive}: member {info.name!r} claims {info.size} bytes "
+                                           f"(sparse: {info.issparse()}); no member of the official "
+                                           f"archive is larger than {MAX_MEMBER_BYTES >> 20} MiB: refused")
                     if info.name in wanted and info.isfile():
                         found[wanted[info.name]] = tar.extractfile(info).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
@@ -172,7 +183,16 @@ def load(request: Request) -> ImageTensorDataset:
         _check_md5(variant, member, data, source)
     (meta_bytes, meta_source), *files = contents
     meta = read_pickle(meta_bytes, meta_source, (variant.names_key,))
-    classes = [name.decode() if isinstance(name, bytes) else str(name) for name in meta[variant.names_key]]
+    names = meta[variant.names_key]
+    expected = 10 if request.name == "cifar10" else 100
+    if not isinstance(names, (list, tuple)) or len(names) != expected \
+            or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DatasetError(f"{meta_source}: {variant.names_key!r} must be a list of {expected} class names, "
+                           f"got {type(names).__name__} of {len(names) if hasattr(names, '__len__') else '?'}")
+    try:
+        classes = [name.decode() if isinstance(name, bytes) else name for name in names]
+    except UnicodeDecodeError:
+        raise DatasetError(f"{meta_source}: class names are not UTF-8 text") from None
     parts = [_batch(read_pickle(data, source, (b"data", variant.label_key)), source, variant.label_key)
              for data, source in files]
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))

@@ -8,7 +8,6 @@ naming the file.
 """
 from __future__ import annotations
 
-import gzip
 import struct
 import zlib
 from pathlib import Path
@@ -17,7 +16,9 @@ import numpy as np
 
 from .errors import DatasetError
 
-__all__ = ["read_idx", "parse_idx", "read_maybe_gzipped"]
+__all__ = ["read_idx", "parse_idx", "read_maybe_gzipped", "MAX_BYTES"]
+
+MAX_BYTES = 1 << 30  # an IDX file (decompressed) larger than this is refused: no MNIST-family file is
 
 _TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -25,8 +26,19 @@ _TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: "
 def read_maybe_gzipped(path: Path) -> bytes:
     """The bytes of ``path``, decompressed when its name ends in ``.gz``."""
     try:
+        if path.stat().st_size > MAX_BYTES:
+            raise DatasetError(f"{path}: larger than {MAX_BYTES >> 20} MiB; not an MNIST-family file")
         data = path.read_bytes()
-        return gzip.decompress(data) if path.suffix == ".gz" else data
+        if path.suffix != ".gz":
+            return data
+        # bounded: a small gzip can claim gigabytes (a decompression bomb)
+        inflate = zlib.decompressobj(wbits=31)
+        out = inflate.decompress(data, MAX_BYTES + 1)
+        if len(out) > MAX_BYTES:
+            raise DatasetError(f"{path}: decompresses to more than {MAX_BYTES >> 20} MiB; refused")
+        if not inflate.eof:
+            raise DatasetError(f"{path}: truncated gzip stream; the file is corrupted or truncated")
+        return out
     except (OSError, EOFError, zlib.error) as err:
         raise DatasetError(f"{path}: cannot read ({err}); the file is corrupted or truncated") from err
 

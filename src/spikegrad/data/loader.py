@@ -72,6 +72,14 @@ def _fetch(dataset: Dataset, index: int, seed: int, augment: Augment | bool | No
     return x, int(label)
 
 
+def _ignore_interrupt(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C: the main process gets the KeyboardInterrupt, prints
+    one line and stops them (instead of every worker printing its own traceback)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _SeededItems(Dataset):
     """A DataLoader view whose keys are ``(index, seed)`` pairs."""
 
@@ -144,7 +152,8 @@ class BatchLoader:
         else:
             yield from DataLoader(_SeededItems(self.dataset, self.augment),
                                   batch_sampler=[self._keys(b) for b in batches],
-                                  num_workers=self.num_workers, collate_fn=collate)
+                                  num_workers=self.num_workers, collate_fn=collate,
+                                  worker_init_fn=_ignore_interrupt)
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,

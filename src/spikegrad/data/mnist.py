@@ -84,8 +84,14 @@ def _read(images_path: Path, labels_path: Path, num_classes: int) -> tuple[torch
                            f"got {images.dtype} {list(images.shape)}")
     if labels.ndim != 1 or len(labels) != len(images):
         raise DatasetError(f"{labels_path}: expected {len(images)} labels, got shape {list(labels.shape)}")
-    if len(labels) and int(labels.max()) >= num_classes:
-        raise DatasetError(f"{labels_path}: label {int(labels.max())} out of range 0..{num_classes - 1}")
+    if labels.dtype.kind not in "iu":
+        raise DatasetError(f"{labels_path}: labels must be integers, got {labels.dtype}")
+    if len(images) == 0:
+        raise DatasetError(f"{images_path}: holds no images")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise DatasetError(f"{labels_path}: label {bad} out of range 0..{num_classes - 1}")
     return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels).long()
 
 

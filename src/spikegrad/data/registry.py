@@ -68,4 +68,6 @@ def create_dataset(
                       augment=augment, autoaugment=autoaugment, cutout=cutout, limit=limit,
                       cache_dir=_path(cache_dir))
     dataset = DATASETS.get(name)(request)
+    if len(dataset) == 0:
+        raise DatasetError(f"{name}: the {split} split holds no items")
     return dataset if limit is None else subset(dataset, limit)
