@@ -37,6 +37,8 @@ BUDGETS = {
     "small": dict(epochs=4, batch=32, limit_train=2000, limit_test=1000, size=14),
     # The longest run the shared CPU allowed: 5,000 images, batch 32, 10 epochs = 1,570 steps.
     "long": dict(epochs=10, batch=32, limit_train=5000, limit_test=1000, size=14),
+    # The paper's setting (ltl-vgg11, no BN, T=16) on the small budget's data, at its batch 64.
+    "paper": dict(epochs=4, batch=64, limit_train=2000, limit_test=1000, size=14),
 }
 OPTIM = {
     "sgd": ["--set", "optim.name=sgd"],  # the default run's: lr 0.1, momentum 0.9, wd 1e-4, cosine
@@ -55,6 +57,23 @@ ABLATIONS = {
     "ltl-C16": ("sgd", ["--set", "method=ltl"], {"local_weight": 16.0}),
     "ltl-lr1e-4": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.0001"], {}),
     "ltl-lr3e-3": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.003"], {}),
+    "ltl-chan": ("adam", ["--set", "method=ltl"], {"per_channel": True}),
+}
+CONFIRM = tuple(ABLATIONS)  # the arms run on seeds 1 and 2 after the seed-0 screen
+
+
+# The paper's setting at CPU scale: its configs on the embedded Fashion-MNIST (no augmentation),
+# width 0.25. Teacher: its recipe (SGD lr 0.01, wd 5e-4); students: Adam lr 1e-4 (the paper's).
+PAPER = ["--set", "model.name=ltl-vgg11", "--set", "model.norm=none", "--set", "data.name=fashion-mnist",
+         "--set", "data.augment=false"]
+PAPER_ARMS = {
+    "ann": ("sgd", ["--config", "configs/ltl/cifar10-ltl-vgg11-ann.yaml", *PAPER, "--set", "model.T=1",
+                    "--set", "method=ann", "--set", "optim.lr=0.01", "--set", "optim.weight_decay=0.0005"]),
+    "ltl": ("adam", ["--config", "configs/ltl/cifar10-ltl-vgg11-t16-ltl.yaml", *PAPER, "--set", "model.T=16",
+                     "--set", "method=ltl", "--set", "optim.lr=0.0001", "--set", "optim.schedule=none"]),
+    "vanilla": ("adam", ["--config", "configs/ltl/cifar10-ltl-vgg11-t16-ltl.yaml", *PAPER,
+                         "--set", "model.T=16", "--set", "method=vanilla", "--set", "optim.lr=0.0001",
+                         "--set", "optim.schedule=none"]),
 }
 
 
@@ -102,7 +121,7 @@ def command(budget: str, arm_args: list[str], optim: str, seed: int, name: str,
 def plan(which: str) -> list[tuple[str, str, list[str], str, int]]:
     """``(name, budget, args, optim, seed, ltl)`` in the order to run: teachers first."""
     jobs = []
-    if which in BUDGETS:
+    if which in ("small", "long"):
         arms = ARMS if which == "small" else {k: ARMS[k] for k in ("ann", "vanilla", "ltl", "ltl-init")}
         optims = ("sgd", "adam") if which == "small" else ("adam",)
         seeds = SEEDS if which == "small" else (0,)
@@ -114,6 +133,17 @@ def plan(which: str) -> list[tuple[str, str, list[str], str, int]]:
                 for arm, args in arms.items():
                     if arm != "ann":
                         jobs.append((run_name(which, arm, optim, seed), which, args, optim, seed, None))
+    elif which == "paper":
+        for seed in (0,):
+            for arm, (optim, args) in PAPER_ARMS.items():
+                jobs.append((run_name("paper", arm, optim, seed), "paper", args, optim, seed, None))
+    elif which == "all":  # the order that lands something complete first on a slow machine
+        small = plan("small")
+        first = [j for j in small if "-ann-" in j[0] or "-adam-" in j[0] or j[0].endswith("sgd-s0")]
+        ablation = plan("ablation")
+        confirm = [j for j in ablation if not j[0].endswith("-s0") and j[0].split("-", 1)[1].rsplit("-", 2)[0] in CONFIRM]
+        return [*first, *[j for j in ablation if j[0].endswith("-s0")], *plan("paper"),
+                *[j for j in small if j not in first], *confirm]
     elif which == "ablation":
         for seed in SEEDS:
             for arm, (optim, args, ltl) in ABLATIONS.items():
@@ -133,13 +163,18 @@ def run(which: str) -> None:
         with open(OUT / f"{name}.log", "w") as log:
             rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         print(f"    rc={rc} {time.time() - start:.0f} s  {curve(name)}", flush=True)
-        report(which)
+        for part in (("small", "ablation", "paper") if which == "all" else (which,)):
+            try:
+                report(part)
+            except Exception as err:  # a report must not stop the grid
+                print(f"    report {part}: {err!r}", flush=True)
 
 
 def groups(which: str) -> dict[str, list[str]]:
     """``{label: [run names over seeds]}`` of the runs that exist for ``which``."""
     out: dict[str, list[str]] = {}
-    for name, budget, *_ in plan(which):
+    reference = [j for j in plan("small") if j[0].split("-", 1)[1].startswith(("ltl-sgd", "ltl-adam"))]
+    for name, budget, *_ in [*(reference if which == "ablation" else []), *plan(which)]:
         label = name.rsplit("-s", 1)[0]
         out.setdefault(label, []).append(name)
     return out
