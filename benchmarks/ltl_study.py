@@ -192,7 +192,7 @@ def report(which: str) -> None:
             continue
         per_epoch = [[c[e] for c in cs] for e in range(n_epochs)]
         means = [statistics.mean(v) for v in per_epoch]
-        curves[label] = means
+        curves[label] = (means, [min(v) for v in per_epoch], [max(v) for v in per_epoch])
         cells = " / ".join(f"{m:.1f}" + (f" ({min(v):.1f}-{max(v):.1f})" if len(v) > 1 else "")
                            for m, v in zip(means, per_epoch))
         final = per_epoch[-1]
@@ -206,18 +206,22 @@ def report(which: str) -> None:
     plot(which, curves)
 
 
-def plot(which: str, curves: dict[str, list[float]]) -> None:
+def plot(which: str, curves: dict[str, tuple[list[float], list[float], list[float]]]) -> None:
+    """One panel per optimiser: the mean curve of each arm, its band the seeds' min-max."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     optims = sorted({label.rsplit("-", 1)[1] for label in curves})
     fig, axes = plt.subplots(1, len(optims), figsize=(5.5 * len(optims), 4), squeeze=False, sharey=True)
     for ax, optim in zip(axes[0], optims):
-        for label, means in curves.items():
+        for label, (means, low, high) in curves.items():
             if label.endswith("-" + optim) or (label.endswith("ann-sgd") and optim == "adam"):
                 style = "--" if "ann" in label else "-"
-                ax.plot(range(1, len(means) + 1), means, style, marker="o", label=label)
-        ax.set_title(f"{which} budget, {optim} (mean of seeds)")
+                epochs = range(1, len(means) + 1)
+                line, = ax.plot(epochs, means, style, marker="o", label=label)
+                ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.12)
+                ax.set_xticks(list(epochs))
+        ax.set_title(f"{which}: {optim} (mean of seeds, band min-max)")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
