@@ -58,6 +58,9 @@ ABLATIONS = {
     "ltl-lr1e-4": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.0001"], {}),
     "ltl-lr3e-3": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.003"], {}),
     "ltl-chan": ("adam", ["--set", "method=ltl"], {"per_channel": True}),
+    # not an LTL change: the baseline at the same learning rate, so that a rate that helps
+    # LTL is given to vanilla too before the two are compared
+    "vanilla-lr3e-3": ("adam", ["--set", "method=vanilla", "--set", "optim.lr=0.003"], {}),
 }
 CONFIRM = tuple(ABLATIONS)  # the arms run on seeds 1 and 2 after the seed-0 screen
 
@@ -173,7 +176,7 @@ def run(which: str) -> None:
 def groups(which: str) -> dict[str, list[str]]:
     """``{label: [run names over seeds]}`` of the runs that exist for ``which``."""
     out: dict[str, list[str]] = {}
-    reference = [j for j in plan("small") if j[0].split("-", 1)[1].startswith(("ltl-sgd", "ltl-adam"))]
+    reference = [j for j in plan("small") if j[0].split("-", 1)[1].startswith(("ltl-sgd", "ltl-adam", "vanilla"))]
     for name, budget, *_ in [*(reference if which == "ablation" else []), *plan(which)]:
         label = name.rsplit("-s", 1)[0]
         out.setdefault(label, []).append(name)
