@@ -56,6 +56,19 @@ def test_opcheck(inputs, options):
     torch.library.opcheck(torch.ops.spikegrad.lif.default, _args(**inputs), _kwargs(**options))
 
 
+def test_opcheck_layouts():
+    """Spikes and gradients come back in the input's layout when it has a memory order
+    (channels-last), else contiguous (time not outermost): the fake implementations agree."""
+    x, r, v0, _, w, b = _args(residual=True, v_init=True, norm=True)
+    channels_last = x.detach().flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (3, 2))
+    time_inner = x.detach().transpose(0, 1).contiguous().transpose(0, 1)
+    for leaf in (channels_last, time_inner):
+        leaf = leaf.requires_grad_()
+        torch.library.opcheck(torch.ops.spikegrad.lif.default, (leaf, r, v0, None, w, b), _kwargs())
+    spikes = torch.ops.spikegrad.lif(time_inner, None, None, None, None, None, **_kwargs())[0]
+    assert spikes.is_contiguous()
+
+
 def test_opcheck_backward():
     x, r, v0, d, w, b = (t.detach() if t is not None else None for t in _args(True, True, True, True))
     mean, var = torch.var_mean(x, dim=(0, 1, 3, 4), correction=0)

@@ -177,13 +177,15 @@ class SavedTensors:
 
 
 def _active() -> SavedTensors | None:
-    return getattr(_state, "active", None)
+    """The open ``saved_tensors()`` record; None outside one and under ``torch.compile``
+    (whose partitioner plans the saved tensors: nothing to mark or count)."""
+    return None if torch.compiler.is_compiling() else getattr(_state, "active", None)
 
 
 def mark_spikes(spikes: Tensor) -> None:
     """Declare ``spikes`` (any shape) to hold only 0 and 1; a no-op outside ``saved_tensors()``
     and for a tensor that is not dense (any layout, e.g. channels-last) and alone in its storage."""
-    active = None if torch.compiler.is_compiling() else _active()
+    active = _active()
     if (active is not None and memory_order(spikes) is not None and spikes.storage_offset() == 0
             and spikes.untyped_storage().nbytes() == spikes.numel() * spikes.element_size()):
         active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
@@ -193,7 +195,7 @@ def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``t.contiguous(memory_format=...)`` that keeps a spike mark: the copy of marked spikes
     is marked too, so the layer that saves it still saves bits."""
     out = t.contiguous(memory_format=memory_format)
-    active = None if torch.compiler.is_compiling() else _active()
+    active = _active()
     if out is not t and active is not None and active.mark_of(t) is not None:
         mark_spikes(out)
     return out

@@ -180,6 +180,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _like(x: Tensor, step: bool, dtype: torch.dtype) -> Tensor:
+    """An empty tensor laid out as ``_unrows`` lays out ``x`` (``step``: ``x[0]``) for the
+    fake implementations: ``x``'s layout when it has a memory order, else contiguous."""
+    like = x[0] if step else x
+    return torch.empty_like(like, dtype=dtype) if memory.memory_order(x) is not None else \
+        like.new_empty(like.shape, dtype=dtype)
+
+
 # --- the operator -------------------------------------------------------------------------------
 
 @torch.library.custom_op("spikegrad::lif", mutates_args=())
@@ -230,9 +238,9 @@ def _forward(default: str, x: Tensor, residual: Optional[Tensor], v_init: Option
 @lif.register_fake
 def _lif_fake(x, residual, v_init, decay, norm_weight, norm_bias, *, keep_state, **options):
     dtype = _out_dtype(x, residual, v_init, norm_weight)
-    v_final = torch.empty_like(x[0], dtype=dtype) if keep_state else _empty(x)
+    v_final = _like(x, True, dtype) if keep_state else _empty(x)
     stats = [x.new_empty(x.shape[2]) if norm_weight is not None else _empty(x) for _ in range(2)]
-    return torch.empty_like(x, dtype=dtype), v_final, *stats
+    return _like(x, False, dtype), v_final, *stats
 
 
 def _setup_context(ctx: Any, inputs: tuple, keyword_only_inputs: dict, output: tuple) -> None:
@@ -317,7 +325,9 @@ def _backward_rows(default: str, grad_spikes: Tensor, grad_v: Optional[Tensor], 
 @lif_backward.register_fake
 def _lif_backward_fake(grad_spikes, grad_v, x, residual, v_init, decay, norm_weight, norm_bias,
                        norm_mean, norm_var, *, decay_grad, **options):
-    def like(t: Optional[Tensor], shaped: Optional[Tensor] = None) -> Tensor:
-        return _empty(x) if t is None else torch.empty_like(t if shaped is None else shaped, dtype=t.dtype)
-    return (like(x), like(residual if norm_weight is not None else None, x), like(v_init, x[0]),
-            like(decay if decay_grad else None), like(norm_weight), like(norm_bias))
+    def like(t: Optional[Tensor], step: bool = False) -> Tensor:
+        return _empty(x) if t is None else _like(x, step, t.dtype)
+    return (like(x), like(residual if norm_weight is not None else None), like(v_init, True),
+            _empty(x) if not decay_grad or decay is None else torch.empty_like(decay),
+            _empty(x) if norm_weight is None else torch.empty_like(norm_weight),
+            _empty(x) if norm_bias is None else torch.empty_like(norm_bias))
