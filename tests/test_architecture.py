@@ -13,7 +13,7 @@ LAYERS = [
     {"__main__", "cli"},
     {"ablation", "bench"},
     {"train"},
-    {"callbacks", "plots", "report", "nir"},
+    {"callbacks", "plots", "report", "nir", "tracking"},
     {"tandem"},
     {"checkpoint"},
     {"config"},

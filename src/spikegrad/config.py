@@ -143,6 +143,7 @@ class Config:
     log_every: int = 20
     checkpoint_every: Optional[int] = None
     progress_every: float = 30.0  # seconds between plain progress lines when stderr is no terminal
+    tensorboard: bool = False  # also write TensorBoard event files (needs the tensorboard package)
     sync_bn: bool = False
     expected_accuracy: Optional[float] = None
     expected_source: str = ""

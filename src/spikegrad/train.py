@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor
+from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor, tracking
 from .checkpoint import model_file
 from .config import Config, ConfigError, check_run_name, from_dict, safe_yaml, to_dict
 from .data import DatasetError, FileDataset, create_dataset, make_loader
@@ -234,6 +234,9 @@ class Trainer:
             self._check_teacher()
         self.optimizer = make_optimizer(cfg, [p for p in self.net.parameters() if p.requires_grad])
         self.callbacks = callbacks.create_all(self)
+        if cfg.tensorboard and self.is_main:
+            tracking.require_tensorboard()
+        self.tensorboard: tracking.TensorBoard | None = None
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best_acc, self.history, self.sums = -1.0, [], {}
         if state is not None:
@@ -551,6 +554,9 @@ class Trainer:
         obj = {"kind": obj.pop("kind"), "epoch": self.epoch, "step": self.step, "time": time.time(), **obj}
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(obj) + "\n")
+        if self.cfg.tensorboard:
+            self.tensorboard = self.tensorboard or tracking.TensorBoard(self.run_dir)
+            self.tensorboard.write(obj)
 
     def _save(self, name: str, also_best: bool = False) -> None:
         """Write ``checkpoints/<name>`` (and ``best.pt``) atomically, from rank 0 only."""
@@ -632,6 +638,8 @@ class Trainer:
         if len(peers) > 1:
             plots.plot_compare(peers, self.run_dir / "plots" / "compare_methods.png")
         report.write(self.run_dir, self.cfg, self.history, self._sops())
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         return summary
 
     def _sibling_runs(self) -> dict[str, Path]:
