@@ -75,6 +75,7 @@ class MethodConfig:
     teacher: Optional[str] = None
     finetune_epochs: int = 0
     init_from_teacher: bool = False
+    local_weight: float = 1.0
 
 
 @dataclass
@@ -193,6 +194,7 @@ MINIMUM = {
     "neuron.tau": (1, True), "neuron.v_threshold": (0, False), "optim.lr": (0, False),
     "optim.momentum": (0, True), "optim.weight_decay": (0, True), "optim.grad_clip": (0, False),
     "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),
+    "method.local_weight": (0, True),
     "data.limit_train": (1, True), "data.limit_test": (1, True), "data.num_workers": (0, True),
     "data.size": (1, True), "data.cutout": (0, True), "progress_every": (0, False), "surrogate_schedule.directions": (1, True),
     "surrogate_schedule.delta": (0, False), "surrogate_schedule.eps": (0, False),
