@@ -53,8 +53,8 @@ ARMS = {
 # Changes to the LTL student tried one at a time on the small budget (issue 25, part 2):
 # ``{arm: (optimiser, spikegrad --set arguments, LTL attributes set by the ``train`` verb)}``.
 ABLATIONS = {
-    "ltl-C4": ("sgd", ["--set", "method=ltl"], {"local_weight": 4.0}),
-    "ltl-C16": ("sgd", ["--set", "method=ltl"], {"local_weight": 16.0}),
+    "ltl-C4": ("sgd", ["--set", "method=ltl", "--set", "method.local_weight=4"], {}),
+    "ltl-C16": ("sgd", ["--set", "method=ltl", "--set", "method.local_weight=16"], {}),
     "ltl-lr1e-4": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.0001"], {}),
     "ltl-lr3e-3": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.003"], {}),
     "ltl-chan": ("adam", ["--set", "method=ltl"], {"per_channel": True}),

@@ -136,6 +136,10 @@ def test_local_weight_scales_the_local_losses_and_q_sets_the_target_quantile():
         torch.testing.assert_close(loss, RateCE().loss(logits, y) + weight * local)
         losses.append(float(local.detach()))
     assert losses[0] == pytest.approx(losses[1])
+    cfg = load_config(None, ["method=ltl", "teacher=t.pt", "method.local_weight=4"]).method
+    assert create_method(cfg, RateCE()).local_weight == 4.0
+    with pytest.raises(ValueError, match="local_weight"):
+        load_config(None, ["method.local_weight=-1"])
     teacher = tandem("plain-8").teacher
     first = neuron_layers(teacher)[0][1]
     seen = []

@@ -259,7 +259,8 @@ class LTL(Method):
 
     @classmethod
     def from_config(cls, method_cfg: Any, objective: RateCE) -> "LTL":
-        return cls(objective, method_cfg.teacher, method_cfg.finetune_epochs, method_cfg.init_from_teacher)
+        return cls(objective, method_cfg.teacher, method_cfg.finetune_epochs, method_cfg.init_from_teacher,
+                   method_cfg.local_weight)
 
     def wrap(self, model: nn.Module) -> TandemNet:
         """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step, or
