@@ -70,12 +70,12 @@ def main() -> None:
     args = p.parse_args()
     model, x, y = trained_model(args)
     settings = {
-        "as before (eval BN, eps 1e-3, K 32)": dict(delta=0.2, eps=1e-3, directions=32, relative=False,
+        "eval BN, eps 1e-3, K 32": dict(delta=0.2, eps=1e-3, directions=32, relative=False,
                                                     train_mode=False),
         "train BN, eps 1e-3, K 32": dict(delta=0.2, eps=1e-3, directions=32, relative=False, train_mode=True),
         "train BN, eps 0.05 x |W|, K 32": dict(delta=0.2, eps=0.05, directions=32, relative=True,
                                                train_mode=True),
-        "train BN, eps 0.05 x |W|, K 128": dict(delta=0.2, eps=0.05, directions=128, relative=True,
+        "train BN, eps 0.05 x |W|, K 64": dict(delta=0.2, eps=0.05, directions=64, relative=True,
                                                 train_mode=True),
     }
     results = {}

@@ -73,3 +73,45 @@ def test_msg_and_dspike_state_round_trips():
     other = callbacks.DspikeSearch([], DspikeTemperature(3.0, 0.2, 1e-3, 4))
     other.load_state_dict(search.state_dict())
     assert other.search.b == 2.6
+
+
+class _Toy(torch.autograd.Function):
+    """Forward ``a . w`` (its true gradient is ``a`` whatever b); backward reports
+    ``sign * (a + (b - b_best) c)``: the surrogate gradient of temperature ``b``."""
+
+    @staticmethod
+    def forward(ctx, w, knobs):
+        ctx.knobs = knobs
+        return (knobs["a"] * w).sum() * knobs["scale"]
+
+    @staticmethod
+    def backward(ctx, grad):
+        k = ctx.knobs
+        return grad * k["sign"] * (k["a"] + (k["surrogate"].b - k["b_best"]) * k["c"]), None
+
+
+def _toy_search(b_best=3.2, sign=1.0, scale=1.0):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(50))
+    surrogate = sg.Dspike(b=3.0)
+    knobs = {"a": torch.randn(50), "c": torch.randn(50), "b_best": b_best, "sign": sign, "scale": scale,
+             "surrogate": surrogate}
+    search = DspikeTemperature(3.0, 0.2, 1e-3, 16)
+    chosen = search.step(torch.nn.Module(), weight, [surrogate], lambda: _Toy.apply(weight, knobs), epoch=1)
+    return chosen, search, surrogate
+
+
+def test_dspike_search_moves_to_the_candidate_that_matches_the_true_gradient():
+    chosen, search, surrogate = _toy_search(b_best=3.2)
+    assert chosen == pytest.approx(3.2) and surrogate.b == chosen and search.b == chosen
+    assert search.last_cosines[2] == pytest.approx(1.0, abs=1e-4)
+    assert search.last_cosines[2] > search.last_cosines[1]
+    assert _toy_search(b_best=2.8)[0] == pytest.approx(2.8)
+    assert _toy_search(b_best=3.0)[0] == 3.0
+
+
+def test_dspike_search_keeps_b_when_the_estimate_says_nothing():
+    chosen, search, _ = _toy_search(b_best=3.2, sign=-1.0)  # every candidate anti-correlated
+    assert chosen == 3.0 and max(search.last_cosines) < 0
+    chosen, search, _ = _toy_search(b_best=3.2, scale=0.0)  # the loss never moves
+    assert chosen == 3.0 and search.last_zero == 16

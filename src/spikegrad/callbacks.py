@@ -71,8 +71,10 @@ def surrogates_of(model: nn.Module, kind: type) -> list:
 
 class DspikeSearch(Callback):
     """Dspike's temperature search (``schedules.DspikeTemperature``) at the start of every
-    epoch but the first (the first trains at the starting ``b``, the surrogates' own), on
-    one fixed training batch with the first weight layer; every Dspike then gets the chosen ``b``."""
+    epoch but the first (the first trains at the starting ``b``, the surrogates' own: a
+    search needs weights that have learned something), on one fixed training batch with
+    the first weight layer, in training mode by default (``surrogate_schedule.train_mode``);
+    every Dspike then gets the chosen ``b``."""
 
     def __init__(self, surrogates: list[sg.Dspike], search: DspikeTemperature) -> None:
         self.surrogates, self.search = surrogates, search
@@ -99,7 +101,8 @@ def _dspike(trainer: "Trainer") -> DspikeSearch | None:
     sched = trainer.cfg.surrogate_schedule
     if not found or sched.name == "none":
         return None
-    search = DspikeTemperature(found[0].b, sched.delta, sched.eps, sched.directions, trainer.cfg.seed)
+    search = DspikeTemperature(found[0].b, sched.delta, sched.eps, sched.directions, trainer.cfg.seed,
+                               relative_eps=sched.relative_eps, train_mode=sched.train_mode)
     return DspikeSearch(found, search)
 
 

@@ -118,12 +118,16 @@ class OptimConfig:
 
 @dataclass
 class SurrogateScheduleConfig:
-    """auto: Dspike's temperature search for ``dspike``, the boundary schedule (after a
-    calibration when ``calibrate``) for ``adali``; none: keep the surrogate fixed."""
+    """auto: Dspike's temperature search for ``dspike`` (``delta``, ``eps``, ``directions``;
+    ``relative_eps``: eps times the first layer's weight norm; ``train_mode``: estimate with
+    batch statistics as in training), the boundary schedule (``kind``, after a calibration
+    when ``calibrate``) for ``adali``; none: keep the surrogate fixed."""
     name: str = "auto"
     delta: float = 0.2
     eps: float = 1.0e-3
     directions: int = 32
+    relative_eps: bool = False
+    train_mode: bool = True
     kind: str = "log"
     calibrate: bool = True
 

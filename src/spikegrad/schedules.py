@@ -109,8 +109,11 @@ class DspikeTemperature:
     passes; the surrogate gradients are compared in the same K-dimensional projection.
     ``train_mode``: the estimate runs the model in training mode (batch statistics in
     every batch norm, as in a training step; the running statistics are restored after),
-    otherwise in eval mode. When no difference moves the loss (no spike flipped) the
-    estimate says nothing and ``b`` stays; ties keep the current ``b``. ``last_cosines``
+    otherwise in eval mode. ``b`` stays unless the estimate is informative and agrees
+    with itself: when no difference moves the loss (no spike flipped), when every
+    candidate's cosine is <= 0 (the estimate is anti-correlated with all of them), or when
+    the two halves of the directions pick different winners, ``b`` is kept; ties keep it
+    too. ``last_cosines``
     (of ``b - Δb, b, b + Δb``) and ``last_zero`` (differences that were exactly 0)
     describe the last search.
     """
@@ -174,15 +177,24 @@ class DspikeTemperature:
         numeric = self._directional_derivatives(loss, weight, dirs, step)
         self.last_zero = int((numeric == 0).sum())
         candidates = [b for b in (self.b, self.b - self.delta, self.b + self.delta) if b > 0]
-        cosines = {}
+        projected = {}  # each candidate's surrogate gradient along the directions
         for b in candidates:
             for s in surrogates:
                 s.b = b
             (grad,) = torch.autograd.grad(loss(), weight)
-            projected = (dirs.flatten(1) @ grad.flatten()).to(numeric.dtype)
-            cosines[b] = float(torch.nn.functional.cosine_similarity(projected, numeric, dim=0))
-        self.last_cosines = [cosines.get(b, float("nan")) for b in
-                             (self.b - self.delta, self.b, self.b + self.delta)]
-        if self.last_zero == len(numeric):
-            return self.b
-        return max(candidates, key=lambda b: cosines[b])  # the first (current b) wins ties
+            projected[b] = dirs.flatten(1).to(numeric.dtype) @ grad.flatten().to(numeric.dtype)
+
+        def cosine(b: float, part: slice = slice(None)) -> float:
+            return float(torch.nn.functional.cosine_similarity(projected[b][part], numeric[part], dim=0))
+
+        def winner(part: slice) -> float:  # the first (current b) wins ties
+            return max(candidates, key=lambda b: cosine(b, part))
+
+        self.last_cosines = [cosine(b) if b in projected else float("nan")
+                             for b in (self.b - self.delta, self.b, self.b + self.delta)]
+        if self.last_zero == len(numeric) or max(cosine(b) for b in candidates) <= 0:
+            return self.b  # no information, or anti-correlated with every candidate
+        half = len(numeric) // 2
+        best = winner(slice(None))
+        agree = winner(slice(0, half)) == best == winner(slice(half, None))
+        return best if agree else self.b
