@@ -206,3 +206,19 @@ def test_soft_reset_subtracts_threshold():
 def test_bad_input_raises_one_clear_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_surrogate_by_name_or_dict_and_single_steps_with_explicit_state():
+    torch.manual_seed(0)
+    by_name = neuron.LIF(surrogate="sigmoid", backend="torch")
+    by_dict = neuron.LIF(surrogate={"name": "sigmoid", "alpha": 4.0}, backend="torch")
+    assert type(by_name.surrogate).__name__ == type(by_dict.surrogate).__name__ == "Sigmoid"
+    x = torch.rand(5, 3, 4, dtype=torch.float64) * 1.5
+    whole, v_final = by_name(x, return_state=True)
+    v, steps = None, []
+    for t in range(5):  # snnTorch's habit: spk, mem = lif(x[t], mem)
+        s, v = by_name.step(x[t], v)
+        steps.append(s)
+    assert torch.equal(torch.stack(steps), whole) and torch.allclose(v, v_final)
+    with pytest.raises(ValueError, match=r"neuron.step\(x, v\)"):
+        by_name(torch.rand(4))

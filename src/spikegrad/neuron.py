@@ -68,7 +68,8 @@ def _env_backend() -> str | None:
 def _check(x_seq: Tensor, tau: float | Tensor | None, v_threshold: float, backend: str) -> None:
     if not isinstance(x_seq, Tensor) or x_seq.dim() < 2:
         shape = tuple(x_seq.shape) if isinstance(x_seq, Tensor) else type(x_seq).__name__
-        raise ValueError(f"x_seq must be a tensor [T, B, ...] with a leading time dimension, got {shape}")
+        raise ValueError(f"x_seq must be a tensor [T, B, ...] with a leading time dimension, got {shape}; "
+                         "for one time step of [B, ...] use neuron.step(x, v)")
     if tau is not None and not (isinstance(tau, (int, float)) and tau >= 1
                                 or isinstance(tau, Tensor) and tau.dim() == 0):
         raise ValueError(f"tau must be >= 1 (a leak of at most 1 per step), got {tau}")
@@ -96,7 +97,7 @@ def _reference(x_seq: Tensor, v: Tensor, decay: Tensor | float, decay_input: boo
 def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float | Tensor = 2.0,
                   decay_input: bool = False, v_threshold: float = 1.0,
                   v_reset: float | None = 0.0, detach_reset: bool = False,
-                  surrogate: sg.Surrogate | None = None, backend: str = "auto",
+                  surrogate: sg.Surrogate | str | dict | None = None, backend: str = "auto",
                   return_state: bool = False, residual: Tensor | None = None,
                   norm: nn.Module | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Run a LIF neuron over ``x_seq: [T, B, ...]``; returns spikes ``[T, B, ...]``.
@@ -110,7 +111,7 @@ def lif_multistep(x_seq: Tensor, v_init: Tensor | None = None, *, tau: float | T
     _check(x_seq, tau, v_threshold, backend)
     _check_extra(x_seq, residual)
     return _run(x_seq, v_init, 1.0 / tau, decay_input, v_threshold, v_reset, detach_reset,
-                surrogate or sg.ATan(), backend, return_state, residual, norm)
+                sg.resolve(surrogate), backend, return_state, residual, norm)
 
 
 def _check_extra(x_seq: Tensor, residual: Tensor | None) -> None:
@@ -164,7 +165,7 @@ class BaseNeuron(nn.Module):
 
     def __init__(self, v_threshold: float = 1.0, v_reset: float | None = 0.0,
                  decay_input: bool = False, detach_reset: bool = False,
-                 surrogate: sg.Surrogate | None = None, backend: str = "auto") -> None:
+                 surrogate: sg.Surrogate | str | dict | None = None, backend: str = "auto") -> None:
         super().__init__()
         if not (isinstance(v_threshold, (int, float)) and v_threshold > 0):
             raise ValueError(f"v_threshold must be a positive number, got {v_threshold!r}")
@@ -174,7 +175,7 @@ class BaseNeuron(nn.Module):
         self.v_reset = None if v_reset is None else float(v_reset)
         self.decay_input = decay_input
         self.detach_reset = detach_reset
-        self.surrogate = surrogate if surrogate is not None else sg.ATan()
+        self.surrogate = sg.resolve(surrogate)  # an object, a name ("atan"), a dict, or None: ATan
         self.backend = backend
 
     def decay(self) -> Tensor | float:
@@ -199,6 +200,14 @@ class BaseNeuron(nn.Module):
         _check_extra(x_seq, residual)
         return _run(x_seq, v_init, self.decay(), self.decay_input, self.v_threshold, self.v_reset,
                     self.detach_reset, self.surrogate, self.backend, return_state, residual, norm)
+
+    def step(self, x: Tensor, v: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One time step, state explicit (snnTorch's ``spk, mem = lif(x, mem)``):
+        ``x: [B, ...]``, ``v: [B, ...]`` (None: the resting membrane) -> ``(spikes [B, ...],
+        v [B, ...])``. Looping this over T gives ``forward``'s spikes; ``forward`` on the whole
+        ``[T, B, ...]`` is faster (one fused loop) and is what the models use."""
+        spikes, v_next = self(x.unsqueeze(0), v, return_state=True)
+        return spikes[0], v_next
 
     @staticmethod
     def input_of(args: tuple, kwargs: dict) -> Tensor:
