@@ -66,6 +66,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--b", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--only", default="", help="run only the settings whose name contains this")
     p.add_argument("--out", default=None, help="JSON file of every search")
     args = p.parse_args()
     model, x, y = trained_model(args)
@@ -80,6 +81,8 @@ def main() -> None:
     }
     results = {}
     for name, setting in settings.items():
+        if args.only not in name:
+            continue
         runs = [search_once(model, x, y, setting, seed, args.b) for seed in range(args.repeats)]
         wins = collections.Counter(round(r["chosen"], 3) for r in runs)
         zeros = statistics.mean(r["zero_differences"] for r in runs)
