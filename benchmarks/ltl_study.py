@@ -58,11 +58,13 @@ ABLATIONS = {
     "ltl-lr1e-4": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.0001"], {}),
     "ltl-lr3e-3": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.003"], {}),
     "ltl-chan": ("adam", ["--set", "method=ltl"], {"per_channel": True}),
+    "ltl-chan-lr3e-3": ("adam", ["--set", "method=ltl", "--set", "optim.lr=0.003"], {"per_channel": True}),
+    "ltl-C64": ("sgd", ["--set", "method=ltl", "--set", "method.local_weight=64"], {}),
     # not an LTL change: the baseline at the same learning rate, so that a rate that helps
     # LTL is given to vanilla too before the two are compared
     "vanilla-lr3e-3": ("adam", ["--set", "method=vanilla", "--set", "optim.lr=0.003"], {}),
 }
-CONFIRM = ("ltl-C16", "ltl-chan", "ltl-lr3e-3", "vanilla-lr3e-3")  # run on seeds 1 and 2 after the seed-0 screen
+CONFIRM = ("ltl-C16", "ltl-chan", "ltl-lr3e-3", "vanilla-lr3e-3", "ltl-chan-lr3e-3")  # run on seeds 1 and 2 after the seed-0 screen
 
 
 # The paper's setting at CPU scale: its configs on the embedded Fashion-MNIST (no augmentation),
