@@ -75,7 +75,7 @@ class MethodConfig:
     teacher: Optional[str] = None
     finetune_epochs: int = 0
     init_from_teacher: bool = False
-    local_weight: float = 1.0
+    local_weight: float = 16.0
 
 
 @dataclass
