@@ -241,14 +241,17 @@ class LTL(Method):
     is then read when the run starts; a resumed run's checkpoint overrides them).
     ``local_weight`` (C, 1 in the paper) multiplies the local losses; since every hidden
     layer learns from its own local loss alone, C only rescales the hidden layers' gradients
-    against the classifier's (Adam's per-parameter step normalisation undoes it). ``q`` is
+    against the classifier's. Adam's per-parameter step normalisation undoes it, so under
+    Adam (the paper's optimiser) the default 16 trains as the paper's 1; under SGD the
+    paper's 1 leaves the hidden layers' steps too small (docs/results.md, "Local Tandem
+    Learning": 12 points at equal budget). ``q`` is
     the targets' normalising quantile (0.999 in the paper), per layer or ``per_channel``."""
 
     name = "ltl"
 
     def __init__(self, objective: RateCE, teacher: str | Path | nn.Module | None,
                  finetune_epochs: int = 0, init_from_teacher: bool = False,
-                 local_weight: float = 1.0, q: float = PERCENTILE, per_channel: bool = False) -> None:
+                 local_weight: float = 16.0, q: float = PERCENTILE, per_channel: bool = False) -> None:
         super().__init__(objective)
         if teacher is None:
             raise ValueError("method 'ltl' needs a teacher: --set teacher=RUN_DIR/checkpoints/best.pt "
