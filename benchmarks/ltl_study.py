@@ -216,7 +216,7 @@ def plot(which: str, curves: dict[str, tuple[list[float], list[float], list[floa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    optims = sorted({label.rsplit("-", 1)[1] for label in curves})
+    optims = sorted({label.rsplit("-", 1)[1] for label in curves if "-ann-" not in label})  # teacher-only panels go
     fig, axes = plt.subplots(1, len(optims), figsize=(5.5 * len(optims), 4), squeeze=False, sharey=True)
     for ax, optim in zip(axes[0], optims):
         for label, (means, low, high) in curves.items():
