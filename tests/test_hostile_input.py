@@ -480,6 +480,7 @@ def test_ctrl_c_with_workers_prints_one_line(tmp_path):
     script = tmp_path / "interrupt.py"
     script.write_text(
         "import os, signal, threading, time, torch, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a shell: xdist workers ignore it\n"
         "from spikegrad.cli import main\n"
         "import spikegrad.cli as cli\n"
         "from spikegrad.data import make_loader\n"
