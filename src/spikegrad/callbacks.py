@@ -24,7 +24,7 @@ from . import monitor
 from . import surrogate as sg
 from .neuron import BaseNeuron
 from .registry import Registry
-from .schedules import AdaLiSchedule, DspikeTemperature
+from .schedules import AdaLiSchedule, DspikeTemperature, probing
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -144,17 +144,12 @@ def training_potentials(model: nn.Module, x: Tensor) -> Tensor:
                  lambda mod, args, kwargs, out: seen.append(mod.input_of(args, kwargs)[0] - mod.v_threshold),
                  with_kwargs=True)
              for m in model.modules() if isinstance(m, BaseNeuron)]
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    was_training = model.training
     try:
-        model.train()
-        model(x)
+        with probing(model, train=True):
+            model(x)
     finally:
         for h in hooks:
             h.remove()
-        for b, saved in buffers:
-            b.copy_(saved)
-        model.train(was_training)
     return torch.cat([p.flatten().float().cpu() for p in seen])
 
 

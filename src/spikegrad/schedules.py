@@ -7,15 +7,16 @@ current ``b``), which ``state_dict`` exposes for checkpoints.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from . import surrogate as sg
 
-__all__ = ["progress", "BalanceSchedule", "DspikeTemperature", "AdaLiSchedule", "adali_bound"]
+__all__ = ["progress", "probing", "BalanceSchedule", "DspikeTemperature", "AdaLiSchedule", "adali_bound"]
 
 BALANCE_KINDS = ("constant", "linear", "cosine", "step")
 ADALI_KINDS = ("log", "linear", "sqrt", "linear-geometric", "sqrt-geometric")
@@ -98,6 +99,22 @@ class AdaLiSchedule:
         return L, R
 
 
+@contextlib.contextmanager
+def probing(model: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """Run ``model`` in training (``train``) or eval mode inside the block, then give it back
+    as it was: its mode and every buffer (BN running statistics and counts) restored."""
+    was_training = model.training
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    model.train(train)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        model.train(was_training)
+
+
 class DspikeTemperature:
     """Dspike's temperature search (docs/methods.md, "Dspike temperature search"): keep the
     ``b`` among ``b, b - Δb, b + Δb`` whose first-layer weight gradient best matches
@@ -153,16 +170,8 @@ class DspikeTemperature:
         ``loss()`` evaluates the training loss of ``model`` on one fixed batch. The model's
         mode and buffers are as before afterwards.
         """
-        was_training = model.training
-        buffers = [(b, b.clone()) for b in model.buffers()]
-        model.train(self.train_mode)
-        try:
+        with probing(model, train=self.train_mode):
             best = self._search(weight, surrogates, loss, epoch)
-        finally:
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            model.train(was_training)
         for s in surrogates:
             s.b = best
         self.b = best
