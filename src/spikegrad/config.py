@@ -144,6 +144,7 @@ class Config:
     eval_batch_size: int = 500
     amp: str = "none"
     compile: bool = False
+    eager_steps: int = 100  # CPU, neuron.backend auto: steps on the uncompiled kernels while they compile
     nan_policy: str = "stop"
     log_every: int = 20
     checkpoint_every: Optional[int] = None
@@ -200,7 +201,8 @@ MINIMUM = {
     "method.lam": (0, True), "method.finetune_epochs": (0, True), "loss.warmup": (0, True),
     "method.local_weight": (0, True),
     "data.limit_train": (1, True), "data.limit_test": (1, True), "data.num_workers": (0, True),
-    "data.size": (1, True), "data.cutout": (0, True), "progress_every": (0, False), "surrogate_schedule.directions": (1, True),
+    "data.size": (1, True), "data.cutout": (0, True), "progress_every": (0, False), "eager_steps": (0, True),
+    "surrogate_schedule.directions": (1, True),
     "surrogate_schedule.delta": (0, False), "surrogate_schedule.eps": (0, False),
 }
 

@@ -28,6 +28,8 @@ from . import __version__, callbacks, checkpoint, distributed, layers, losses, m
 from .checkpoint import model_file
 from .config import Config, ConfigError, check_run_name, from_dict, safe_yaml, to_dict
 from .data import DatasetError, FileDataset, create_dataset, make_loader
+from .kernels import warmup
+from .kernels.lif import AUTO
 from .models import create_model
 
 __all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate", "resolve_device",
@@ -37,7 +39,7 @@ __all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate"
 # it trains (the end of the learning-rate schedule), what it says about the paper; every
 # other key changes what the run computes
 RESUME_ALLOWED = ("epochs", "device", "data.root", "data.num_workers", "log_every", "checkpoint_every",
-                  "progress_every", "eval_batch_size", "nan_policy", "compile", "neuron.backend",
+                  "progress_every", "eval_batch_size", "nan_policy", "compile", "eager_steps", "neuron.backend",
                   "expected_accuracy", "expected_source")
 # run directories this process holds the lock of: resolved path -> (descriptor, id of the Trainer)
 _HELD: dict[str, tuple[int, int]] = {}
@@ -238,6 +240,7 @@ class Trainer:
             tracking.require_tensorboard()
         self.tensorboard: tracking.TensorBoard | None = None
         self.epoch, self.batch, self.step = 0, 0, 0
+        self.warmup: warmup.Warmup | None = None
         self.best_acc, self.history, self.sums = -1.0, [], {}
         if state is not None:
             self._load(state, last)  # into memory only; the files are rewritten below
@@ -420,12 +423,29 @@ class Trainer:
                 where = (f"resuming at epoch {self.epoch + 1}, step {self.step}" if self.step
                          else f"{self.cfg.epochs} epoch{'s' if self.cfg.epochs != 1 else ''}")
                 print(f"spikegrad: run directory {self.run_dir} ({where})", file=sys.stderr, flush=True)
+            self.warmup = self._kernel_warmup()
             while self.epoch < self.cfg.epochs:
                 record = self._train_epoch(self.epoch)
                 self._end_epoch(record)
             return self._finish()
         finally:
+            if self.warmup is not None:
+                self.warmup.close()
             self._unlock()
+
+    def _kernel_warmup(self) -> warmup.Warmup | None:
+        """The run's kernel schedule (``kernels.warmup``) when its neurons run ``backend="auto"``
+        on CPU uncompiled by the trainer: eager for ``eager_steps`` steps while the compiled
+        kernels are built in the background (in the main thread, at the switch, for a model
+        that draws from the global generator: Poisson encoding)."""
+        cfg = self.cfg
+        if (self.device.type != "cpu" or cfg.neuron.backend != "auto" or cfg.compile
+                or os.environ.get("SPIKEGRAD_BACKEND")):
+            return None
+        total = self.train_loader(0).num_batches * cfg.epochs
+        log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main and \
+            self.progress is not False else (lambda line: None)
+        return warmup.Warmup(cfg.eager_steps, total, self.step, cfg.model.encoding != "poisson", log)
 
     def _check_finite_weights(self) -> None:
         """TrainingError when a parameter or buffer holds NaN or Inf (a diverged step): such
@@ -455,9 +475,13 @@ class Trainer:
                    file=sys.stderr, dynamic_ncols=True)
         last_line = time.monotonic()
         for x, y in bar:
-            start = time.perf_counter()
+            if self.warmup is not None:
+                self.warmup.before_step(self.step)
+            start, compiling = time.perf_counter(), AUTO.compile_seconds
             loss, logits = self._train_step(x.to(self.device), y.to(self.device), epoch, steps)
-            sums["time"] += time.perf_counter() - start
+            sums["time"] += time.perf_counter() - start - (AUTO.compile_seconds - compiling)
+            if self.warmup is not None:
+                self.warmup.after_step()
             if loss is not None:
                 self._accumulate(sums, loss, logits, y)
             self.batch += 1

@@ -40,6 +40,9 @@ import functools
 import importlib
 import math
 import os
+import sys
+import threading
+import time
 import weakref
 from typing import Any, Callable, Optional
 
@@ -51,7 +54,7 @@ from . import fused
 from .fused import KernelSet
 
 __all__ = ["lif", "lif_backward", "KERNELS", "kernel_set", "surrogate_handle", "triton_installed",
-           "RECOMPILE_LIMIT"]
+           "RECOMPILE_LIMIT", "AutoKernels", "AUTO"]
 
 RECOMPILE_LIMIT = 64  # graphs per compiled kernel: one per surrogate type, options and dtype
 
@@ -88,22 +91,41 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _plain(arg: Any) -> Any:
+    """``arg`` with every tensor in it detached: no view base, no parameter (dynamo guards
+    on a view's base and keeps a parameter's shape static, either of which would compile
+    one graph per layer)."""
+    if isinstance(arg, Tensor):
+        return arg.detach()
+    return type(arg)(map(_plain, arg)) if isinstance(arg, tuple) else arg
+
+
 def _compiled(fn: Callable) -> Callable:
-    """``torch.compile(fn)`` run with a recompile limit of at least ``RECOMPILE_LIMIT`` for
-    its own frames only (dynamo's default of 8 is too few for every surrogate, option and
-    dtype); the process's setting is restored after each call."""
-    compiled = torch.compile(fn)
-    config = torch._dynamo.config
-    key = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    """``torch.compile(fn, dynamic=True)``: one graph for every layer's shape, batch size
+    and T (dimensions of size 1 and each surrogate, option and dtype still get their own).
+    Run with a recompile limit of at least ``RECOMPILE_LIMIT`` (dynamo's default of 8 is
+    too few for those) and without duck sizing (equal sizes by chance would specialise a
+    graph), for its own frames only: the process's settings are restored after each call."""
+    compiled = torch.compile(fn, dynamic=True)
+    settings = [(torch._dynamo.config, "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+                 else "cache_size_limit", lambda outer: max(outer, RECOMPILE_LIMIT)),
+                (torch.fx.experimental._config, "use_duck_shape", lambda outer: False)]
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        outer = getattr(config, key)  # set and restored directly: config.patch costs twice as much
-        setattr(config, key, max(outer, RECOMPILE_LIMIT))
+        from torch._dynamo.utils import counters  # loaded by torch.compile above
+        AUTO.announce()
+        outer = [getattr(config, key) for config, key, _ in settings]  # config.patch costs twice as much
+        for (config, key, ours), value in zip(settings, outer):
+            setattr(config, key, ours(value))
+        graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
         try:
-            return compiled(*args, **kwargs)
+            return compiled(*map(_plain, args), **{k: _plain(v) for k, v in kwargs.items()})
         finally:
-            setattr(config, key, outer)
+            for (config, key, _), value in zip(settings, outer):
+                setattr(config, key, value)
+            if counters["stats"]["unique_graphs"] != graphs and threading.current_thread() is threading.main_thread():
+                AUTO.compile_seconds += time.perf_counter() - start
     return run
 
 
@@ -130,6 +152,50 @@ KERNELS: dict[str, Callable[[], KernelSet]] = {
 @functools.lru_cache(maxsize=None)
 def _built(name: str) -> KernelSet:
     return KERNELS[name]()
+
+
+class AutoKernels:
+    """What ``backend="auto"`` runs where the operator's default implementation runs (CPU):
+    the uncompiled loops (``"eager"``) until compiling can pay, then the compiled ones
+    (``"fused"``). One instance, ``AUTO``, per process.
+
+    ``mode`` None (a script of the user's): the process's first ``eager_calls`` operator
+    calls (``$SPIKEGRAD_EAGER_CALLS``, default 100: a few training steps of a deep net)
+    run eager, so a quick try compiles nothing; later calls run compiled, announced by one
+    line on stderr. A trainer sets ``mode`` (``"eager"``/``"fused"``) itself, to switch at a
+    step of its own (``kernels.warmup``). ``recorder``, when set, is called with every
+    eager call (``kernels.warmup.Recorder``); ``compile_seconds`` sums the main thread's
+    time spent in calls that compiled a graph (throughput figures leave it out).
+    """
+
+    def __init__(self) -> None:
+        self.mode: Optional[str] = None
+        self.eager_calls = int(os.environ.get("SPIKEGRAD_EAGER_CALLS", "100"))
+        self.calls = 0
+        self.recorder: Optional[Callable[..., None]] = None
+        self.compile_seconds = 0.0
+        self.announced = False
+
+    def choose(self, default: str, count: bool) -> str:
+        """The kernel set for ``backend="auto"`` when the device's own is ``default``;
+        ``count``: a forward call (counted against ``eager_calls``)."""
+        if default != "fused":
+            return default
+        if self.mode is not None:
+            return self.mode
+        self.calls += count
+        return "eager" if self.calls <= self.eager_calls else "fused"
+
+    def announce(self) -> None:
+        """One line on stderr before the process's first compile (of the main thread)."""
+        if not self.announced and threading.current_thread() is threading.main_thread():
+            self.announced = True
+            print("spikegrad: compiling the fused neuron kernels with torch.compile (about a minute "
+                  "on a cold cache, seconds once cached; backend 'eager' skips it)",
+                  file=sys.stderr, flush=True)
+
+
+AUTO = AutoKernels()
 
 
 def kernel_set(name: str, x: Tensor, surrogate: Any) -> KernelSet:
@@ -215,7 +281,13 @@ def _forward(default: str, x: Tensor, residual: Optional[Tensor], v_init: Option
              detach_reset: bool, surrogate: str, norm_eps: float, keep_state: bool,
              mark_spikes: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sg = _surrogate(surrogate)
-    kernels = kernel_set(default if backend == "auto" else backend, x, sg)
+    name = AUTO.choose(default, True) if backend == "auto" else backend
+    if name == "eager" and AUTO.recorder is not None:
+        AUTO.recorder(torch.ops.spikegrad.lif, (x, residual, v_init, decay, norm_weight, norm_bias),
+                      dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
+                           v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
+                           norm_eps=norm_eps, keep_state=keep_state, mark_spikes=mark_spikes))
+    kernels = kernel_set(name, x, sg)
     order, channels = _order(x), norm_weight is not None
     rows = _rows(x, order, channels)
     norm, mean, var = None, _empty(x), _empty(x)
@@ -282,11 +354,11 @@ def lif_backward(grad_spikes: Tensor, grad_v: Optional[Tensor], x: Tensor, resid
     here, from its generator) over ``[T, N]``, then the kernel set's reverse-time scan."""
     return _backward_rows("fused", grad_spikes, grad_v, x, residual, v_init, decay, norm_weight,
                           norm_bias, norm_mean, norm_var, fixed_decay, decay_input, v_threshold, v_reset,
-                          detach_reset, surrogate, norm_eps, backend, decay_grad)
+                          detach_reset, surrogate, norm_eps, backend, decay_grad, keep_state)
 
 
 @lif_backward.register_kernel("cuda")
-def _lif_backward_cuda(*args, keep_state, **options):
+def _lif_backward_cuda(*args, **options):
     default = "triton" if triton_installed() else "fused"
     return _backward_rows(default, *args, **options)
 
@@ -296,10 +368,17 @@ def _backward_rows(default: str, grad_spikes: Tensor, grad_v: Optional[Tensor], 
                    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                    norm_mean: Optional[Tensor], norm_var: Optional[Tensor], fixed_decay: float,
                    decay_input: bool, v_threshold: float, v_reset: Optional[float], detach_reset: bool,
-                   surrogate: str, norm_eps: float, backend: str, decay_grad: bool, keep_state: bool = True
+                   surrogate: str, norm_eps: float, backend: str, decay_grad: bool, keep_state: bool
                    ) -> tuple[Tensor, ...]:
     sg = _surrogate(surrogate)
-    kernels = kernel_set(default if backend == "auto" else backend, x, sg)
+    name = AUTO.choose(default, False) if backend == "auto" else backend
+    if name == "eager" and AUTO.recorder is not None:
+        AUTO.recorder(torch.ops.spikegrad.lif_backward, (grad_spikes, grad_v, x, residual, v_init, decay,
+                      norm_weight, norm_bias, norm_mean, norm_var),
+                      dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
+                           v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
+                           norm_eps=norm_eps, keep_state=keep_state, decay_grad=decay_grad))
+    kernels = kernel_set(name, x, sg)
     order, channels = _order(x), norm_weight is not None
     rows = _rows(x, order, channels)
     sg, mask = sg.split_mask(rows)  # MSG's mask is drawn here, eagerly

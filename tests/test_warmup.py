@@ -1,0 +1,149 @@
+"""What ``backend="auto"`` runs on CPU, and the trainer's background compile (kernels/warmup.py).
+
+A script's first operator calls run the uncompiled kernels (a quick try compiles nothing);
+a run records its first step's calls, compiles them in a background thread on copies
+(MSG's generator and torch's global random state untouched), and switches at a fixed
+step, after which nothing is left to compile.
+"""
+import pytest
+import torch
+from torch import nn
+
+from spikegrad import layers, memory, surrogate as sg
+from spikegrad.kernels import lif as lif_op, warmup
+from spikegrad.neuron import LIF
+
+
+@pytest.fixture(autouse=True)
+def fresh_policy(monkeypatch):
+    """Each test starts from a process that has made no operator call yet (and no
+    ``$SPIKEGRAD_BACKEND``, which the suite sets to the reference backend)."""
+    monkeypatch.delenv("SPIKEGRAD_BACKEND", raising=False)
+    saved = vars(lif_op.AUTO).copy()
+    lif_op.AUTO.__init__()
+    yield lif_op.AUTO
+    vars(lif_op.AUTO).update(saved)
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """The kernel set names the operator asked for; every call runs the eager kernels."""
+    names = []
+
+    def kernel_set(name, x, surrogate):
+        names.append(name)
+        return lif_op._built("eager")
+    monkeypatch.setattr(lif_op, "kernel_set", kernel_set)
+    return names
+
+
+def _net(surrogate=None):
+    torch.manual_seed(0)
+    return nn.Sequential(layers.Conv2d(2, 4, 3, padding=1), memory.BatchNorm2d(4),
+                         LIF(surrogate=surrogate))
+
+
+def _step(net, x):
+    """One training step's forward and backward: ``net``'s conv, its BN folded into the LIF."""
+    conv, bn, lif = net
+    y = conv(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+    lif(y, norm=bn).sum().backward()
+
+
+def _evaluate(net, x):
+    conv, bn, lif = net
+    with torch.no_grad():
+        return lif(bn(conv(x.flatten(0, 1))).unflatten(0, x.shape[:2]))
+
+
+X = torch.rand(2, 3, 2, 6, 6)  # [T, B, C, H, W]
+
+
+def test_a_script_runs_eager_for_its_first_calls_then_compiled(fresh_policy, chosen):
+    fresh_policy.eager_calls = 3
+    neuron = LIF()
+    for _ in range(5):
+        neuron(torch.rand(2, 3, 4, requires_grad=True)).sum().backward()
+    forward, backward = chosen[0::2], chosen[1::2]
+    assert forward == ["eager"] * 3 + ["fused"] * 2
+    assert backward == forward  # each backward runs where its forward ran
+    fresh_policy.mode = "eager"  # a trainer's choice overrides the count
+    neuron(torch.rand(2, 3, 4))
+    assert chosen[-1] == "eager"
+
+
+def test_an_explicit_backend_is_never_overridden(fresh_policy, chosen):
+    fresh_policy.mode = "eager"
+    LIF(backend="fused")(torch.rand(2, 3, 4))
+    assert chosen == ["fused"]
+
+
+def test_the_recorder_keeps_one_call_per_layout_and_adds_evaluations(fresh_policy):
+    recorder = fresh_policy.recorder = warmup.Recorder()
+    net = _net()
+    for _ in range(2):
+        _step(net, X)
+    ops = [r[0] for r in recorder.records()]
+    assert ops == [torch.ops.spikegrad.lif, torch.ops.spikegrad.lif, torch.ops.spikegrad.lif_backward]
+    train, evaluation = recorder.records()[:2]
+    assert train[1][4] is not None and evaluation[1][4] is None  # the BN folded, then not
+    assert train[1][0] == ("tensor", tuple(X.shape[:2]) + (4, 6, 6),
+                           train[1][0][2], torch.float32, torch.device("cpu"))
+
+
+def test_replay_touches_neither_the_msg_generator_nor_the_global_random_state(fresh_policy):
+    msg = sg.resolve({"name": "msg", "p": 0.5})
+    recorder = fresh_policy.recorder = warmup.Recorder()
+    _step(_net(msg), X)
+    fresh_policy.recorder = None
+    mask_state, global_state = msg.get_rng_state(), torch.get_rng_state()
+    warmup.replay(recorder.records(), backend="eager")
+    assert torch.equal(torch.get_rng_state(), global_state)
+    assert all(torch.equal(msg.get_rng_state()[k], v) for k, v in mask_state.items())
+
+
+def test_a_run_switches_at_its_step_whatever_the_thread(fresh_policy, monkeypatch):
+    started = []
+    monkeypatch.setattr(warmup.BackgroundCompile, "start", lambda self: started.append(self))
+    plan = warmup.Warmup(steps=3, total=10, start=0, log=lambda line: None)
+    modes = []
+    for step in range(5):
+        plan.before_step(step)
+        modes.append(fresh_policy.mode)
+        if step == 0:
+            _step(_net(), X)
+        plan.after_step()
+    assert modes == ["eager"] * 3 + ["fused"] * 2
+    assert len(started) == 1 and len(started[0].records) == 3  # recorded in step 0 only
+    plan.close()
+    assert fresh_policy.mode is None and fresh_policy.recorder is None
+
+
+def test_a_resume_past_the_switch_compiles_at_once_and_a_short_run_never(fresh_policy):
+    warmup.Warmup(steps=3, total=10, start=5, log=lambda line: None)
+    assert fresh_policy.mode == "fused" and fresh_policy.recorder is None
+    short = warmup.Warmup(steps=100, total=40, start=0, log=lambda line: None)
+    for step in range(40):
+        short.before_step(step)
+        short.after_step()
+    assert fresh_policy.mode == "eager" and short.thread is None
+
+
+def test_after_the_background_compile_the_switch_compiles_nothing(fresh_policy):
+    from torch._dynamo.utils import counters
+    net = _net()
+    recorder = fresh_policy.recorder = warmup.Recorder()
+    fresh_policy.mode = "eager"
+    _step(net, X)
+    fresh_policy.recorder = None
+    thread = warmup.BackgroundCompile(recorder.records())
+    thread.start()
+    _step(net, X)  # training goes on meanwhile, eagerly
+    thread.join()
+    assert thread.error is None
+    graphs = counters["stats"]["unique_graphs"]
+    fresh_policy.mode = "fused"
+    _step(net, X)
+    _evaluate(net, X)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert fresh_policy.compile_seconds == 0.0
