@@ -435,9 +435,8 @@ class Trainer:
 
     def _kernel_warmup(self) -> warmup.Warmup | None:
         """The run's kernel schedule (``kernels.warmup``) when its neurons run ``backend="auto"``
-        on CPU uncompiled by the trainer: eager for ``eager_steps`` steps while the compiled
-        kernels are built in the background (in the main thread, at the switch, for a model
-        that draws from the global generator: Poisson encoding)."""
+        on CPU and the trainer compiles nothing itself: eager for ``eager_steps`` steps while
+        a background process compiles the kernels, compiled after."""
         cfg = self.cfg
         if (self.device.type != "cpu" or cfg.neuron.backend != "auto" or cfg.compile
                 or os.environ.get("SPIKEGRAD_BACKEND")):
@@ -445,7 +444,7 @@ class Trainer:
         total = self.train_loader(0).num_batches * cfg.epochs
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main and \
             self.progress is not False else (lambda line: None)
-        return warmup.Warmup(cfg.eager_steps, total, self.step, cfg.model.encoding != "poisson", log)
+        return warmup.Warmup(cfg.eager_steps, total, self.step, log)
 
     def _check_finite_weights(self) -> None:
         """TrainingError when a parameter or buffer holds NaN or Inf (a diverged step): such

@@ -164,7 +164,7 @@ class AutoKernels:
     run eager, so a quick try compiles nothing; later calls run compiled, announced by one
     line on stderr. A trainer sets ``mode`` (``"eager"``/``"fused"``) itself, to switch at a
     step of its own (``kernels.warmup``). ``recorder``, when set, is called with every
-    eager call (``kernels.warmup.Recorder``); ``compile_seconds`` sums the main thread's
+    eager call ``(operator name, inputs, options)`` (``kernels.warmup.Recorder``); ``compile_seconds`` sums the main thread's
     time spent in calls that compiled a graph (throughput figures leave it out).
     """
 
@@ -283,7 +283,7 @@ def _forward(default: str, x: Tensor, residual: Optional[Tensor], v_init: Option
     sg = _surrogate(surrogate)
     name = AUTO.choose(default, True) if backend == "auto" else backend
     if name == "eager" and AUTO.recorder is not None:
-        AUTO.recorder(torch.ops.spikegrad.lif, (x, residual, v_init, decay, norm_weight, norm_bias),
+        AUTO.recorder("lif", (x, residual, v_init, decay, norm_weight, norm_bias),
                       dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
                            v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
                            norm_eps=norm_eps, keep_state=keep_state, mark_spikes=mark_spikes))
@@ -373,7 +373,7 @@ def _backward_rows(default: str, grad_spikes: Tensor, grad_v: Optional[Tensor], 
     sg = _surrogate(surrogate)
     name = AUTO.choose(default, False) if backend == "auto" else backend
     if name == "eager" and AUTO.recorder is not None:
-        AUTO.recorder(torch.ops.spikegrad.lif_backward, (grad_spikes, grad_v, x, residual, v_init, decay,
+        AUTO.recorder("lif_backward", (grad_spikes, grad_v, x, residual, v_init, decay,
                       norm_weight, norm_bias, norm_mean, norm_var),
                       dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
                            v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,

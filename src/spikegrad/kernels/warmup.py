@@ -1,31 +1,34 @@
-"""Compile the fused neuron's kernels in the background while training runs eagerly.
+"""Compile the fused neuron's kernels in a background process while training runs eagerly.
 
 A cold ``torch.compile`` of the neuron kernels takes about a minute on a small CPU; a
 training run should not sit silent through it before its first step. ``Warmup`` (what
 the trainer uses when ``backend="auto"`` runs on CPU) does instead:
 
 1. the first training step runs the uncompiled (``"eager"``) kernels and records every
-   operator call it makes (``Recorder``: shapes, strides, dtypes, options), plus the
-   calls evaluation will make (the same inputs, no batch norm folded, no gradient);
-2. a background thread (``BackgroundCompile``) replays those calls through the
-   operator with backend ``"fused"``, on random tensors of the recorded layout and with
-   a copy of the surrogate (MSG's mask generator is not touched), which compiles every
-   graph the run needs while training goes on;
-3. at step ``steps`` the run switches to the compiled kernels, waiting for the thread
-   if it is not done yet (a notice says so).
+   operator call it makes (``Recorder``: shapes, strides, dtypes, options, surrogate),
+   plus the calls evaluation will make (the same inputs, no batch norm folded);
+2. a background process (``BackgroundCompile``: ``python -m spikegrad.kernels.warmup``)
+   replays those calls through the operator with backend ``"fused"`` on random tensors
+   of the recorded layouts, which fills torch.compile's on-disk cache while training
+   goes on (on the other core, on a 2-core machine);
+3. at step ``steps`` the run switches to the compiled kernels: it waits for that process
+   if it has not finished (a notice says so), then compiles from the warm cache (seconds).
 
 The switch step is fixed by the config, not by how long compiling took, so a run, the
-same run again and its resume compute the same numbers, cold cache or warm. Dynamo
-restores torch's global random state after each graph it traces, whichever thread it
-runs in: a model that draws from the global generator while training (Poisson encoding)
-compiles in the main thread at the switch instead (``background=False``).
+same run again and its resume compute the same numbers, cold cache or warm. The compile
+runs in another process, not a thread, because dynamo's "compiling" flag and the random
+state it restores are process-wide: a tracing thread changes what the training thread's
+batch norm and optimiser do.
 """
 from __future__ import annotations
 
-import copy
+import os
+import pickle
+import subprocess
 import sys
-import threading
+import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,29 +36,31 @@ from torch import Tensor
 
 from .lif import AUTO, _surrogate, surrogate_handle
 
-__all__ = ["Recorder", "BackgroundCompile", "Warmup"]
-
+__all__ = ["Recorder", "replay", "BackgroundCompile", "Warmup"]
 
 def _meta(arg: Any) -> Any:
-    """A tensor as ``(shape, stride, dtype, device)``; anything else as it is."""
+    """A tensor as ``("tensor", shape, stride, dtype, device)``; anything else as it is."""
     if isinstance(arg, Tensor):
-        return ("tensor", tuple(arg.shape), tuple(arg.stride()), arg.dtype, arg.device)
+        return ("tensor", tuple(arg.shape), tuple(arg.stride()), arg.dtype, str(arg.device))
     return arg
 
 
 class Recorder:
-    """Called by the operator with each eager call ``(op, args, options)``; keeps one
-    record per distinct call ``(op, argument layouts, options, grad mode)``."""
+    """Called by the operator with each eager call ``(name, args, options)``; keeps one
+    record ``(op name, argument layouts, options)`` per distinct call, and the surrogate
+    objects they name (pickled with the records for the background process)."""
 
     def __init__(self) -> None:
-        self.calls: dict[tuple, tuple] = {}
+        self.calls: dict[tuple, None] = {}
+        self.surrogates: dict[str, Any] = {}
 
-    def __call__(self, op: Callable, args: tuple, options: dict) -> None:
-        record = (op, tuple(map(_meta, args)), tuple(sorted(options.items())), torch.is_grad_enabled())
-        self.calls.setdefault(record, record)
-        if op is torch.ops.spikegrad.lif and args[4] is not None:  # evaluation: BN unfolded, no grad
-            plain = (op, (record[1][0], record[1][1], None, record[1][3], None, None), record[2], False)
-            self.calls.setdefault(plain, plain)
+    def __call__(self, name: str, args: tuple, options: dict) -> None:
+        self.surrogates.setdefault(options["surrogate"], _surrogate(options["surrogate"]))
+        record = (name, tuple(map(_meta, args)), tuple(sorted(options.items())))
+        self.calls.setdefault(record)
+        if name == "lif" and args[4] is not None:  # evaluation: the batch norm unfolded
+            metas = record[1]
+            self.calls.setdefault((name, (metas[0], metas[1], None, metas[3], None, None), record[2]))
 
     def records(self) -> list[tuple]:
         """The distinct calls, in the order first made."""
@@ -75,72 +80,98 @@ def _example(meta: Any, generator: torch.Generator) -> Any:
     return storage.as_strided(shape, stride)
 
 
-def replay(records: list[tuple], backend: str = "fused") -> None:
+def replay(records: list[tuple], surrogates: dict[str, Any], backend: str = "fused") -> None:
     """Run each recorded call through the operator with ``backend`` (``"fused"``: compiling
-    what it needs), on example tensors and copies of the surrogates."""
+    what it needs), on example tensors; ``surrogates`` maps the records' handles to
+    surrogate objects (copies: MSG's mask generator here is not the run's)."""
     generator = torch.Generator().manual_seed(0)
-    copies: dict[str, Any] = {}  # kept alive until every call has run
-    for op, metas, options, grad in records:
-        options = dict(options)
-        handle = options["surrogate"]
-        if handle not in copies:
-            copies[handle] = copy.deepcopy(_surrogate(handle))
-        options["surrogate"] = surrogate_handle(copies[handle])
-        with torch.set_grad_enabled(grad):
-            op(*(_example(m, generator) for m in metas), **options, backend=backend)
+    handles = {old: surrogate_handle(s) for old, s in surrogates.items()}
+    with torch.no_grad():  # as the operator's implementations run
+        for name, metas, options in records:
+            options = dict(options, surrogate=handles[dict(options)["surrogate"]], backend=backend)
+            getattr(torch.ops.spikegrad, name)(*(_example(m, generator) for m in metas), **options)
 
 
-class BackgroundCompile(threading.Thread):
-    """``replay(records)`` in a daemon thread; ``error`` holds what it raised, if anything."""
+class BackgroundCompile:
+    """``replay(records)`` with backend ``"fused"`` in a child process (started at once,
+    with this process's torch thread count, which inductor's code depends on), which
+    leaves the compiled kernels in torch.compile's on-disk cache."""
 
-    def __init__(self, records: list[tuple]) -> None:
-        super().__init__(name="spikegrad-compile", daemon=True)
-        self.records, self.error, self.seconds = records, None, 0.0
+    def __init__(self, records: list[tuple], surrogates: dict[str, Any]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="spikegrad-compile-"))
+        job = self.folder / "calls.pkl"
+        job.write_bytes(pickle.dumps((records, surrogates, torch.get_num_threads())))
+        self.log = open(self.folder / "log.txt", "wb")
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen([sys.executable, "-m", "spikegrad.kernels.warmup", str(job)],
+                                        stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
 
-    def run(self) -> None:
-        start = time.perf_counter()
-        try:
-            replay(self.records)
-        except Exception as err:  # reported by Warmup.before_step; training goes on eagerly
-            self.error = err
-        self.seconds = time.perf_counter() - start
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self) -> Optional[str]:
+        """Wait for the process; None if it compiled everything, else the last line it wrote."""
+        code = self.process.wait()
+        self.log.close()
+        lines = (self.folder / "log.txt").read_text(errors="replace").strip().splitlines()
+        for path in self.folder.iterdir():
+            path.unlink()
+        self.folder.rmdir()
+        return None if code == 0 else (lines[-1] if lines else f"exit code {code}")
 
 
 class Warmup:
     """A run's kernel schedule: eager kernels before step ``steps``, compiled from it on
-    (``total``: the run's last step; a run that ends by ``steps`` never compiles).
-    Call ``before_step(step)`` before each training step and ``after_step()`` after it;
-    ``close()`` when the run ends (hands ``backend="auto"`` back to its default policy)."""
+    (``total``: the run's number of steps; a run that ends by ``steps`` never compiles;
+    ``start``: the step it starts or resumes at). Call ``before_step(step)`` before each
+    training step and ``after_step()`` after it; ``close()`` when the run ends."""
 
-    def __init__(self, steps: int, total: int, start: int, background: bool = True,
+    def __init__(self, steps: int, total: int, start: int,
                  log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
-        self.steps, self.total, self.background, self.log = steps, total, background, log
-        self.thread: Optional[BackgroundCompile] = None
+        self.steps, self.total, self.log = steps, total, log
+        self.compile: Optional[BackgroundCompile] = None
         self.recorder: Optional[Recorder] = None
         compiles = total > steps
         AUTO.mode = "fused" if compiles and start >= steps else "eager"
-        if compiles and start < steps and background:
+        if compiles and start < steps:
             self.recorder = AUTO.recorder = Recorder()
 
     def before_step(self, step: int) -> None:
         if step < self.steps or AUTO.mode == "fused" or self.total <= self.steps:
             return
-        if self.thread is not None and self.thread.is_alive():
-            self.log(f"spikegrad: step {step}: waiting for the background compile of the neuron kernels")
-            self.thread.join()
-        if self.thread is not None and self.thread.error is not None:
-            self.log(f"spikegrad: the background compile failed ({self.thread.error}); compiling now")
+        if self.compile is not None:
+            if self.compile.running():
+                self.log(f"spikegrad: step {step}: waiting for the background compile of the neuron kernels")
+            failed = self.compile.wait()
+            if failed:
+                self.log(f"spikegrad: the background compile failed ({failed}); compiling here")
+            self.compile = None
+        AUTO.announced = True  # the notice was given when the background compile started
         AUTO.mode = "fused"
 
     def after_step(self) -> None:
         if self.recorder is None:
             return
-        records, self.recorder = self.recorder.records(), None
-        AUTO.recorder, AUTO.announced = None, True  # this line is the compile's notice
-        self.thread = BackgroundCompile(records)
-        self.log(f"spikegrad: compiling the neuron kernels in the background ({len(records)} calls); "
-                 f"eager kernels until step {self.steps}")
-        self.thread.start()
+        recorder, self.recorder = self.recorder, None
+        AUTO.recorder = None
+        self.compile = BackgroundCompile(recorder.records(), recorder.surrogates)
+        self.log(f"spikegrad: compiling the neuron kernels in a background process; eager "
+                 f"kernels until step {self.steps}, compiled after")
 
     def close(self) -> None:
+        """Hand ``backend="auto"`` back to its default policy (and stop a compile still running)."""
+        if self.compile is not None and self.compile.running():
+            self.compile.process.kill()
+        if self.compile is not None:
+            self.compile.wait()
         AUTO.mode, AUTO.recorder = None, None
+
+
+def _main(job: str) -> None:
+    records, surrogates, threads = pickle.loads(Path(job).read_bytes())
+    torch.set_num_threads(threads)  # inductor's code (and so its cache key) depends on it
+    replay(records, surrogates)
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
