@@ -171,7 +171,7 @@ class DspikeTemperature:
         mode and buffers are as before afterwards.
         """
         with probing(model, train=self.train_mode):
-            best = self._search(weight, surrogates, loss, epoch)
+            best = round(self._search(weight, surrogates, loss, epoch), 9)  # b0 + k delta, no float drift
         for s in surrogates:
             s.b = best
         self.b = best
