@@ -24,10 +24,11 @@ def fresh_policy(monkeypatch):
     """Each test starts from a process that has made no operator call yet (and no
     ``$SPIKEGRAD_BACKEND``, which the suite sets to the reference backend)."""
     monkeypatch.delenv("SPIKEGRAD_BACKEND", raising=False)
-    saved = vars(lif_op.AUTO).copy()
+    saved, threads = vars(lif_op.AUTO).copy(), torch.get_num_threads()
     lif_op.AUTO.__init__()
     yield lif_op.AUTO
     vars(lif_op.AUTO).update(saved)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -110,8 +111,8 @@ def test_replay_touches_neither_the_msg_generator_nor_the_global_random_state(fr
 class _Finished:
     """A background compile that has already finished."""
 
-    def __init__(self, records, surrogates):
-        self.records = records
+    def __init__(self, records, surrogates, threads):
+        self.records, self.threads = records, threads
         STARTED.append(self)
 
     def running(self):
@@ -127,16 +128,21 @@ STARTED = []
 def test_a_run_switches_at_its_step_whatever_the_compile(fresh_policy, monkeypatch):
     monkeypatch.setattr(warmup, "BackgroundCompile", _Finished)
     STARTED.clear()
+    outer = 2
+    torch.set_num_threads(outer)
     plan = warmup.Warmup(steps=3, total=10, start=0, log=lambda line: None)
-    modes = []
+    modes, threads = [], []
     for step in range(5):
         plan.before_step(step)
         modes.append(fresh_policy.mode)
         if step == 0:
             _step(_net(), X)
         plan.after_step()
+        threads.append(torch.get_num_threads())
     assert modes == ["eager"] * 3 + ["fused"] * 2
     assert len(STARTED) == 1 and len(STARTED[0].records) == 3  # recorded in step 0 only
+    assert STARTED[0].threads == threads[-1] == outer  # compiled for the threads it runs with
+    assert threads[:3] == [max(1, outer - 1)] * 3  # a core left to the compile meanwhile
     plan.close()
     assert fresh_policy.mode is None and fresh_policy.recorder is None
 
@@ -163,7 +169,7 @@ recorder = lif.AUTO.recorder = warmup.Recorder()
 lif.AUTO.mode = "eager"
 step()
 lif.AUTO.recorder = None
-compile = warmup.BackgroundCompile(recorder.records(), recorder.surrogates)
+compile = warmup.BackgroundCompile(recorder.records(), recorder.surrogates, torch.get_num_threads())
 step()  # training goes on meanwhile, eagerly
 assert compile.wait() is None
 lif.AUTO.mode = "fused"

@@ -39,6 +39,7 @@ from torch.nn import functional as F
 from . import surrogate as sg
 from .memory import mark_spikes
 from .kernels import fused
+from .kernels import lif as lif_op
 from .kernels.lif import KERNELS, surrogate_handle, triton_installed
 
 __all__ = ["lif_multistep", "LIF", "IF", "PLIF", "BaseNeuron", "BACKENDS", "default_backend"]
@@ -148,7 +149,7 @@ def _run(x_seq: Tensor, v_init: Tensor | None, decay: Tensor | float, decay_inpu
             mark_spikes(spikes)
         return (spikes, v) if return_state else spikes
     learnable = isinstance(decay, Tensor)
-    spikes, v, mean, var = torch.ops.spikegrad.lif(
+    spikes, v, mean, var = lif_op.run(
         x_seq, residual, v_init, decay if learnable else None,
         None if norm is None else norm.weight, None if norm is None else norm.bias,
         fixed_decay=0.0 if learnable else float(decay), decay_input=decay_input,

@@ -14,6 +14,9 @@ the trainer uses when ``backend="auto"`` runs on CPU) does instead:
 3. at step ``steps`` the run switches to the compiled kernels: it waits for that process
    if it has not finished (a notice says so), then compiles from the warm cache (seconds).
 
+Meanwhile training runs on one torch thread fewer (at least one), leaving a core to the
+compile; the thread count is restored at the switch.
+
 The switch step is fixed by the config, not by how long compiling took, so a run, the
 same run again and its resume compute the same numbers, cold cache or warm. The compile
 runs in another process, not a thread, because dynamo's "compiling" flag and the random
@@ -93,14 +96,15 @@ def replay(records: list[tuple], surrogates: dict[str, Any], backend: str = "fus
 
 
 class BackgroundCompile:
-    """``replay(records)`` with backend ``"fused"`` in a child process (started at once,
-    with this process's torch thread count, which inductor's code depends on), which
-    leaves the compiled kernels in torch.compile's on-disk cache."""
+    """``replay(records)`` with backend ``"fused"`` in a child process (started at once),
+    which leaves the compiled kernels in torch.compile's on-disk cache. ``threads``: the
+    torch thread count the kernels will run with (inductor's code, and so its cache key,
+    depends on it)."""
 
-    def __init__(self, records: list[tuple], surrogates: dict[str, Any]) -> None:
+    def __init__(self, records: list[tuple], surrogates: dict[str, Any], threads: int) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="spikegrad-compile-"))
         job = self.folder / "calls.pkl"
-        job.write_bytes(pickle.dumps((records, surrogates, torch.get_num_threads())))
+        job.write_bytes(pickle.dumps((records, surrogates, threads)))
         self.log = open(self.folder / "log.txt", "wb")
         self.started = time.perf_counter()
         self.process = subprocess.Popen([sys.executable, "-m", "spikegrad.kernels.warmup", str(job)],
@@ -129,6 +133,7 @@ class Warmup:
     def __init__(self, steps: int, total: int, start: int,
                  log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> None:
         self.steps, self.total, self.log = steps, total, log
+        self.threads = torch.get_num_threads()
         self.compile: Optional[BackgroundCompile] = None
         self.recorder: Optional[Recorder] = None
         compiles = total > steps
@@ -146,6 +151,7 @@ class Warmup:
             if failed:
                 self.log(f"spikegrad: the background compile failed ({failed}); compiling here")
             self.compile = None
+            torch.set_num_threads(self.threads)
         AUTO.announced = True  # the notice was given when the background compile started
         AUTO.mode = "fused"
 
@@ -154,16 +160,18 @@ class Warmup:
             return
         recorder, self.recorder = self.recorder, None
         AUTO.recorder = None
-        self.compile = BackgroundCompile(recorder.records(), recorder.surrogates)
+        self.compile = BackgroundCompile(recorder.records(), recorder.surrogates, self.threads)
+        torch.set_num_threads(max(1, self.threads - 1))  # a core for the compile
         self.log(f"spikegrad: compiling the neuron kernels in a background process; eager "
                  f"kernels until step {self.steps}, compiled after")
 
     def close(self) -> None:
-        """Hand ``backend="auto"`` back to its default policy (and stop a compile still running)."""
-        if self.compile is not None and self.compile.running():
-            self.compile.process.kill()
+        """Hand ``backend="auto"`` back to its default policy and the process its thread
+        count (and stop a compile still running)."""
         if self.compile is not None:
+            self.compile.process.kill()
             self.compile.wait()
+        torch.set_num_threads(self.threads)
         AUTO.mode, AUTO.recorder = None, None
 
 
