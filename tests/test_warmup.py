@@ -73,6 +73,12 @@ def test_a_script_runs_eager_for_its_first_calls_then_compiled(fresh_policy, cho
     forward, backward = chosen[0::2], chosen[1::2]
     assert forward == ["eager"] * 3 + ["fused"] * 2
     assert backward == forward  # each backward runs where its forward ran
+    with torch.no_grad():  # evaluation does not count
+        fresh_policy.calls = 0
+        for _ in range(5):
+            neuron(torch.rand(2, 3, 4))
+    assert chosen[-5:] == ["eager"] * 5 and fresh_policy.calls == 0
+    fresh_policy.calls = 10
     fresh_policy.mode = "eager"  # a trainer's choice overrides the count
     neuron(torch.rand(2, 3, 4))
     assert chosen[-1] == "eager"

@@ -224,6 +224,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .neuron import BACKENDS
     parser = _Parser(prog="spikegrad", description="Train deep spiking neural "
                      "networks with surrogate gradients and shortcut back-propagation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -274,7 +275,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--width", type=float, help="channel multiplier (default 1; --quick 1/16)")
     st.add_argument("--batch", type=int, help="batch size (default 32; --quick 2)")
     st.add_argument("--T", type=int, nargs="+", help="time steps (default 1 2 4 6; --quick 1 2)")
-    st.add_argument("--backends", nargs="*", choices=["torch", "eager", "fused", "triton"],
+    st.add_argument("--backends", nargs="*", choices=BACKENDS[1:],
                     help="spikegrad neuron backends (default torch eager fused, and triton on CUDA)")
     st.add_argument("--peers", nargs="*", default=["spikingjelly", "snntorch"],
                     choices=["spikingjelly", "snntorch"], help="peer libraries (default both; none: --peers)")

@@ -159,10 +159,10 @@ class AutoKernels:
     the uncompiled loops (``"eager"``) until compiling can pay, then the compiled ones
     (``"fused"``). One instance, ``AUTO``, per process.
 
-    ``mode`` None (a script of the user's): the process's first ``eager_calls`` operator
-    calls (``$SPIKEGRAD_EAGER_CALLS``, default 100: a few training steps of a deep net)
-    run eager, so a quick try compiles nothing; later calls run compiled, announced by one
-    line on stderr. A trainer sets ``mode`` (``"eager"``/``"fused"``) itself, to switch at a
+    ``mode`` None (a script of the user's): until the process has made ``eager_calls``
+    operator calls with gradients enabled (``$SPIKEGRAD_EAGER_CALLS``, default 100: a few
+    training steps of a deep net) every call runs eager, so a quick try or an evaluation
+    compiles nothing; after, calls run compiled, announced by one line on stderr. A trainer sets ``mode`` (``"eager"``/``"fused"``) itself, to switch at a
     step of its own (``kernels.warmup``). ``recorder``, when set, is called with every
     eager call ``(operator name, inputs, options)`` (``kernels.warmup.Recorder``); ``compile_seconds`` sums the main thread's
     time spent in calls that compiled a graph (throughput figures leave it out).
@@ -176,14 +176,12 @@ class AutoKernels:
         self.compile_seconds = 0.0
         self.announced = False
 
-    def choose(self, default: str, count: bool) -> str:
-        """The kernel set for ``backend="auto"`` when the device's own is ``default``;
-        ``count``: a forward call (counted against ``eager_calls``)."""
+    def choose(self, default: str) -> str:
+        """The kernel set for ``backend="auto"`` when the device's own is ``default``."""
         if default != "fused":
             return default
         if self.mode is not None:
             return self.mode
-        self.calls += count
         return "eager" if self.calls <= self.eager_calls else "fused"
 
     def announce(self) -> None:
@@ -281,7 +279,7 @@ def _forward(default: str, x: Tensor, residual: Optional[Tensor], v_init: Option
              detach_reset: bool, surrogate: str, norm_eps: float, keep_state: bool,
              mark_spikes: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sg = _surrogate(surrogate)
-    name = AUTO.choose(default, True) if backend == "auto" else backend
+    name = AUTO.choose(default) if backend == "auto" else backend
     if name == "eager" and AUTO.recorder is not None:
         AUTO.recorder("lif", (x, residual, v_init, decay, norm_weight, norm_bias),
                       dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
@@ -376,6 +374,7 @@ def run(x: Tensor, residual: Optional[Tensor], v_init: Optional[Tensor], decay: 
     Python layers. Same arguments, same outputs."""
     if torch.compiler.is_compiling():
         return torch.ops.spikegrad.lif(x, residual, v_init, decay, norm_weight, norm_bias, **options)
+    AUTO.calls += torch.is_grad_enabled()
     return _Eager.apply(x, residual, v_init, decay, norm_weight, norm_bias, options)
 
 
@@ -410,7 +409,7 @@ def _backward_rows(default: str, grad_spikes: Tensor, grad_v: Optional[Tensor], 
                    surrogate: str, norm_eps: float, backend: str, decay_grad: bool, keep_state: bool
                    ) -> tuple[Tensor, ...]:
     sg = _surrogate(surrogate)
-    name = AUTO.choose(default, False) if backend == "auto" else backend
+    name = AUTO.choose(default) if backend == "auto" else backend
     if name == "eager" and AUTO.recorder is not None:
         AUTO.recorder("lif_backward", (grad_spikes, grad_v, x, residual, v_init, decay,
                       norm_weight, norm_bias, norm_mean, norm_var),
