@@ -111,14 +111,6 @@ def test_each_local_loss_reaches_only_its_own_layer_and_ce_only_the_classifier(n
         assert owned["head.hidden.sn2"] == {"head.hidden.fc2.weight", "head.hidden.fc2.bias"}
 
 
-def test_per_channel_targets_divide_each_channel_by_its_own_quantile():
-    a = torch.rand(6, 3, 4, 4) * torch.tensor([1.0, 5.0, 0.1]).view(1, 3, 1, 1)
-    scale = torch.quantile(a.transpose(0, 1).reshape(3, -1), 0.99, dim=1).view(1, 3, 1, 1)
-    torch.testing.assert_close(normalise_target(a, 0.99, per_channel=True), (a / scale).clamp(0, 1))
-    fc = torch.rand(8, 5)
-    torch.testing.assert_close(normalise_target(fc, 1.0, per_channel=True), fc / fc.max(0).values)
-
-
 def test_local_weight_scales_the_local_losses_and_q_sets_the_target_quantile():
     x, y = batch()
     losses = []

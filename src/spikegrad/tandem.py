@@ -31,7 +31,7 @@ from .losses import RateCE
 from .methods import ANN, Method
 from .models import SpikingNet, create_model
 
-__all__ = ["ann_twin", "load_teacher", "check_teacher", "freeze", "percentile", "channel_percentile",
+__all__ = ["ann_twin", "load_teacher", "check_teacher", "freeze", "percentile",
            "normalise_target",
            "TandemOutput", "TandemNet", "LTL", "PERCENTILE"]
 
@@ -114,25 +114,14 @@ def percentile(a: Tensor, q: float) -> Tensor:
     return low + (pos - below) * (high - low)
 
 
-def channel_percentile(a: Tensor, q: float) -> Tensor:
-    """The ``q``-quantile of each channel of ``a`` ``[B, C, ...]`` over its batch and other
-    dimensions (``torch.quantile``'s interpolation), shaped ``[1, C, 1, ...]`` to divide ``a``."""
-    flat = a.detach().float().transpose(0, 1).reshape(a.shape[1], -1).sort(dim=1).values
-    pos = q * (flat.shape[1] - 1)
-    below = math.floor(pos)
-    above = min(below + 1, flat.shape[1] - 1)
-    scale = flat[:, below] + (pos - below) * (flat[:, above] - flat[:, below])
-    return scale.view(1, -1, *[1] * (a.dim() - 2))
-
-
-def normalise_target(activation: Tensor, q: float = PERCENTILE, per_channel: bool = False) -> Tensor:
+def normalise_target(activation: Tensor, q: float = PERCENTILE) -> Tensor:
     """The teacher target ``clamp(A / P_q(A), 0, 1)`` of an activation ``[B, ...]`` (same shape).
 
-    ``P_q`` is the ``q``-quantile over the whole batch (the paper's), or with ``per_channel``
-    of each channel (dimension 1) over the batch. Where ``P_q = 0`` (a nearly silent
-    layer or channel) the target is 0, except the rare positive activations, which saturate at 1.
+    ``P_q`` is the ``q``-quantile over the whole batch (the paper's). Where ``P_q = 0`` (a
+    nearly silent layer) the target is 0, except the rare positive activations, which
+    saturate at 1. (A per-channel quantile was measured and did not help: docs/results.md.)
     """
-    scale = channel_percentile(activation, q) if per_channel else percentile(activation, q)
+    scale = percentile(activation, q)
     return (activation.float() / scale.clamp_min(torch.finfo(torch.float32).tiny)).clamp(0.0, 1.0)
 
 
@@ -165,15 +154,15 @@ class TandemNet(nn.Module):
     trained run never needs the teacher file. The teacher is not a submodule: the
     ``state_dict`` holds ``student.*`` only, and ``train()``/``to()`` leave it alone.
     ``local``: compute the local losses (True) or train end to end (False, fine-tuning).
-    ``q``, ``per_channel``: how the targets are normalised (``normalise_target``).
+    ``q``: the targets' normalising quantile (``normalise_target``).
     """
 
     def __init__(self, student: SpikingNet, teacher: nn.Module | str | Path, local: bool = True,
-                 q: float = PERCENTILE, per_channel: bool = False) -> None:
+                 q: float = PERCENTILE) -> None:
         super().__init__()
         self.student = student
         self.local = local
-        self.q, self.per_channel = q, per_channel
+        self.q = q
         self.neurons = neuron_layers(student)
         if isinstance(teacher, nn.Module):
             check_teacher(teacher, student)
@@ -201,7 +190,7 @@ class TandemNet(nn.Module):
         seen: dict[str, Tensor] = {}
         with _forward_hooks(neuron_layers(teacher), lambda name, out: seen.__setitem__(name, out)):
             teacher(x)
-        return {name: normalise_target(a.mean(0), self.q, self.per_channel) for name, a in seen.items()}
+        return {name: normalise_target(a.mean(0), self.q) for name, a in seen.items()}
 
     def tandem(self, x: Tensor) -> TandemOutput:
         """The student on ``x`` with every neuron's output passed on detached, and each neuron
@@ -245,20 +234,20 @@ class LTL(Method):
     Adam (the paper's optimiser) the default 16 trains as the paper's 1; under SGD the
     paper's 1 leaves the hidden layers' steps too small (docs/results.md, "Local Tandem
     Learning": 12 points at equal budget). ``q`` is
-    the targets' normalising quantile (0.999 in the paper), per layer or ``per_channel``."""
+    the targets' normalising quantile (0.999 in the paper), per layer."""
 
     name = "ltl"
 
     def __init__(self, objective: RateCE, teacher: str | Path | nn.Module | None,
                  finetune_epochs: int = 0, init_from_teacher: bool = False,
-                 local_weight: float = 16.0, q: float = PERCENTILE, per_channel: bool = False) -> None:
+                 local_weight: float = 16.0, q: float = PERCENTILE) -> None:
         super().__init__(objective)
         if teacher is None:
             raise ValueError("method 'ltl' needs a teacher: --set teacher=RUN_DIR/checkpoints/best.pt "
                              "(a method=ann run of the same model) or an exported model file")
         self.teacher, self.finetune_epochs = teacher, finetune_epochs
         self.init_from_teacher = init_from_teacher
-        self.local_weight, self.q, self.per_channel = local_weight, q, per_channel
+        self.local_weight, self.q = local_weight, q
 
     @classmethod
     def from_config(cls, method_cfg: Any, objective: RateCE) -> "LTL":
@@ -268,7 +257,7 @@ class LTL(Method):
     def wrap(self, model: nn.Module) -> TandemNet:
         """A ``TandemNet`` of ``model`` and the teacher (loaded on the first training step, or
         now to initialise the student from it)."""
-        self.net = TandemNet(model, self.teacher, q=self.q, per_channel=self.per_channel)
+        self.net = TandemNet(model, self.teacher, q=self.q)
         if self.init_from_teacher:
             self.net.init_from_teacher()
         return self.net
