@@ -144,7 +144,7 @@ class Config:
     eval_batch_size: int = 500
     amp: str = "none"
     compile: bool = False
-    eager_steps: int = 100  # CPU, neuron.backend auto: steps on the uncompiled kernels while they compile
+    eager_steps: int = 30  # CPU, neuron.backend auto: steps on the uncompiled kernels while they compile
     nan_policy: str = "stop"
     log_every: int = 20
     checkpoint_every: Optional[int] = None
