@@ -24,7 +24,7 @@ import yaml
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor, tracking
+from . import __version__, callbacks, checkpoint, distributed, layers, losses, methods, monitor, neuron, tracking
 from .checkpoint import model_file
 from .config import Config, ConfigError, check_run_name, from_dict, safe_yaml, to_dict
 from .data import DatasetError, FileDataset, create_dataset, make_loader
@@ -439,7 +439,7 @@ class Trainer:
         a background process compiles the kernels, compiled after."""
         cfg = self.cfg
         if (self.device.type != "cpu" or cfg.neuron.backend != "auto" or cfg.compile
-                or os.environ.get("SPIKEGRAD_BACKEND")):
+                or neuron.default_backend(self.device) != "fused"):  # $SPIKEGRAD_BACKEND chose
             return None
         total = self.train_loader(0).num_batches * cfg.epochs
         log = (lambda line: print(line, file=sys.stderr, flush=True)) if self.is_main and \

@@ -44,7 +44,6 @@ import importlib
 import math
 import os
 import sys
-import threading
 import time
 import weakref
 from typing import Any, Callable, Optional
@@ -110,13 +109,13 @@ def _compiled(fn: Callable) -> Callable:
     too few for those) and without duck sizing (equal sizes by chance would specialise a
     graph), for its own frames only: the process's settings are restored after each call."""
     compiled = torch.compile(fn, dynamic=True)
+    from torch._dynamo.utils import counters  # loaded by torch.compile
     settings = [(torch._dynamo.config, "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
                  else "cache_size_limit", lambda outer: max(outer, RECOMPILE_LIMIT)),
                 (torch.fx.experimental._config, "use_duck_shape", lambda outer: False)]
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        from torch._dynamo.utils import counters  # loaded by torch.compile above
         AUTO.announce()
         outer = [getattr(config, key) for config, key, _ in settings]  # config.patch costs twice as much
         for (config, key, ours), value in zip(settings, outer):
@@ -127,7 +126,7 @@ def _compiled(fn: Callable) -> Callable:
         finally:
             for (config, key, _), value in zip(settings, outer):
                 setattr(config, key, value)
-            if counters["stats"]["unique_graphs"] != graphs and threading.current_thread() is threading.main_thread():
+            if counters["stats"]["unique_graphs"] != graphs:
                 AUTO.compile_seconds += time.perf_counter() - start
     return run
 
@@ -167,10 +166,11 @@ class AutoKernels:
     training steps of a deep net) every call runs eager, so a quick try or an evaluation
     compiles nothing; after, calls run compiled, announced by one line on stderr. A
     trainer sets ``mode`` (``"eager"``/``"fused"``) itself, to switch at a step of its own
-    (``kernels.warmup``). ``recorder``, when set, is called with every eager call
-    ``(operator name, inputs, options)`` (``kernels.warmup.Recorder``).
-    ``compile_seconds`` sums the main thread's time spent in calls that compiled a graph
-    (throughput figures leave it out).
+    (``kernels.warmup``). ``recorder``, when set, is called with every eager-mode call
+    (``run``) that runs the eager kernels: ``(operator name, inputs, options)``
+    (``kernels.warmup.Recorder``).
+    ``compile_seconds`` sums the time spent in calls that compiled a graph (throughput
+    figures leave it out).
     """
 
     def __init__(self) -> None:
@@ -189,9 +189,16 @@ class AutoKernels:
             return self.mode
         return "eager" if self.calls <= self.eager_calls else "fused"
 
+    def record(self, name: str, args: tuple, options: dict, default: str) -> None:
+        """Hand the operator call ``name(*args, **options)`` to ``recorder`` if one is set
+        and the call runs the eager kernels (``default``: the device's own kernel set)."""
+        if (self.recorder is not None and options["backend"] == "auto"
+                and self.choose(default) == "eager"):
+            self.recorder(name, args, {k: v for k, v in options.items() if k != "backend"})
+
     def announce(self) -> None:
-        """One line on stderr before the process's first compile (of the main thread)."""
-        if not self.announced and threading.current_thread() is threading.main_thread():
+        """One line on stderr before the process's first compile."""
+        if not self.announced:
             self.announced = True
             print("spikegrad: compiling the fused neuron kernels with torch.compile (about a minute "
                   "on a cold cache, seconds once cached; backend 'eager' skips it)",
@@ -283,13 +290,7 @@ def _forward(default: str, x: Tensor, residual: Optional[Tensor], v_init: Option
              detach_reset: bool, surrogate: str, norm_eps: float, keep_state: bool,
              mark_spikes: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     sg = _surrogate(surrogate)
-    name = AUTO.choose(default) if backend == "auto" else backend
-    if name == "eager" and AUTO.recorder is not None:
-        AUTO.recorder("lif", (x, residual, v_init, decay, norm_weight, norm_bias),
-                      dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
-                           v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
-                           norm_eps=norm_eps, keep_state=keep_state, mark_spikes=mark_spikes))
-    kernels = kernel_set(name, x, sg)
+    kernels = kernel_set(AUTO.choose(default) if backend == "auto" else backend, x, sg)
     order, channels = _order(x), norm_weight is not None
     rows = _rows(x, order, channels)
     norm, mean, var = None, _empty(x), _empty(x)
@@ -358,14 +359,19 @@ class _Eager(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, residual: Optional[Tensor], v_init: Optional[Tensor],
                 decay: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                 options: dict) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        inputs = (x, residual, v_init, decay, norm_weight, norm_bias)
-        output = _forward(_device_default(x), *inputs, **options)
+        inputs, default = (x, residual, v_init, decay, norm_weight, norm_bias), _device_default(x)
+        AUTO.record("lif", inputs, options, default)
+        output = _forward(default, *inputs, **options)
         _setup_context(ctx, inputs, options, output)
         return output
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor) -> tuple:
-        rows = functools.partial(_backward_rows, _device_default(ctx.saved_tensors[0]))
+        default = _device_default(ctx.saved_tensors[0])
+
+        def rows(*args: Tensor, **options: Any) -> tuple:
+            AUTO.record("lif_backward", args, options, default)
+            return _backward_rows(default, *args, **options)
         return (*_backward(ctx, *grads, backward=rows), None)
 
 
@@ -412,14 +418,7 @@ def _backward_rows(default: str, grad_spikes: Tensor, grad_v: Optional[Tensor], 
                    surrogate: str, norm_eps: float, backend: str, decay_grad: bool, keep_state: bool
                    ) -> tuple[Tensor, ...]:
     sg = _surrogate(surrogate)
-    name = AUTO.choose(default) if backend == "auto" else backend
-    if name == "eager" and AUTO.recorder is not None:
-        AUTO.recorder("lif_backward", (grad_spikes, grad_v, x, residual, v_init, decay,
-                      norm_weight, norm_bias, norm_mean, norm_var),
-                      dict(fixed_decay=fixed_decay, decay_input=decay_input, v_threshold=v_threshold,
-                           v_reset=v_reset, detach_reset=detach_reset, surrogate=surrogate,
-                           norm_eps=norm_eps, keep_state=keep_state, decay_grad=decay_grad))
-    kernels = kernel_set(name, x, sg)
+    kernels = kernel_set(AUTO.choose(default) if backend == "auto" else backend, x, sg)
     order, channels = _order(x), norm_weight is not None
     rows = _rows(x, order, channels)
     sg, mask = sg.split_mask(rows)  # MSG's mask is drawn here, eagerly
