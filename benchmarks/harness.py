@@ -613,5 +613,8 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(args: argparse.Namespace) -> None:
     """``spikegrad bench``: ``args.kind`` ``"step"`` (training step), ``"neuron"`` (one LIF layer)
-    or ``"conv"`` (a convolution in each memory layout)."""
-    {"neuron": neuron_main, "conv": conv_main}.get(args.kind, step_main)(args)
+    or ``"conv"`` (a convolution in each memory layout) or ``"spikes"`` (convolutions of spikes,
+    dense and on the spike path: spike_bench.py)."""
+    import spike_bench  # beside this file
+
+    {"neuron": neuron_main, "conv": conv_main, "spikes": spike_bench.main}.get(args.kind, step_main)(args)

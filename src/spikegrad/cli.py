@@ -268,7 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="training-step (default) or neuron benchmarks, side by side "
                         "with SpikingJelly and snnTorch")
     be.set_defaults(func=_cmd_bench)
-    kinds = be.add_subparsers(dest="kind", metavar="{step,neuron,conv}")
+    kinds = be.add_subparsers(dest="kind", metavar="{step,neuron,conv,spikes}")
     st = kinds.add_parser("step", help="forward+backward+optimizer step of a CIFAR network: ANN twin, "
                           "spikegrad per T and backend, peers; time, peak memory, ratios")
     st.add_argument("--model", default="resnet18", help="registry name, for every network (default resnet18)")
@@ -304,6 +304,16 @@ def _parser() -> argparse.ArgumentParser:
                     metavar="C@H", help="channels @ map side (default: CIFAR ResNet-18's 64@32 128@16 256@8 512@4)")
     co.add_argument("--rows", type=int, default=128, help="batch rows, T x batch (default 128 = 4 x 32)")
     co.add_argument("--repeats", type=int, default=7)
+    sp = kinds.add_parser("spikes", help="every convolution of spikes in a model: dense against the "
+                          "spike path (kernels.spike_conv) per spike density")
+    sp.add_argument("--model", default="resnet18", help="registry name (default resnet18)")
+    sp.add_argument("--width", type=float, default=1.0)
+    sp.add_argument("--T", type=int, default=4)
+    sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")
+    sp.add_argument("--out", metavar="DIR", help="write DIR/spike_conv.md and DIR/spike_conv.json")
     from .ablation import add_arguments as ablation_arguments  # no torch import
 
     ab = sub.add_parser("ablation", help="several methods over several seeds of one config: "

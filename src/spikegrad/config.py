@@ -47,6 +47,7 @@ class ModelConfig:
     stem: str = "auto"
     sew: bool = False
     channels_last: bool = True
+    spike_conv: str = "auto"  # CPU convolutions of spikes from the active inputs: auto | on | off
 
 
 @dataclass

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from . import defaults
-from .memory import BatchNorm2d, relayout
+from .kernels import spike_conv
+from .memory import BatchNorm2d, is_spikes, relayout
 from .neuron import IF, LIF, PLIF, BaseNeuron
 from .registry import Registry
 from .surrogate import Surrogate
@@ -233,14 +234,23 @@ class Conv2d(nn.Conv2d):
 
     A convolution oneDNN cannot run channels-last safely (``channels_last_is_safe``) runs
     contiguous on CPU whatever the flag and the input's layout.
+
+    When the input is spikes (a neuron marked them, ``memory.is_spikes``), ``spike_conv``
+    (``"auto"``, ``"on"`` or ``"off"``; ``create_model`` sets it) decides whether the forward
+    and the weight gradient are computed from the active inputs instead
+    (``kernels.spike_conv``: same values to float32 rounding, faster at low spike density).
     """
 
     channels_last = False
+    spike_conv = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         """``[N, C_in, H, W]`` -> ``[N, C_out, H', W']``."""
         if x.device.type != "cpu" or x.dim() != 4:
             return super().forward(x)
+        plan = self._spike_plan(x)
+        if plan is not None:
+            return spike_conv.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, plan)
         if not channels_last_is_safe(self):
             weight = self.weight.contiguous()  # oneDNN goes channels-last if either operand is
             return self._conv_forward(relayout(x, torch.contiguous_format), weight, self.bias)
@@ -249,8 +259,18 @@ class Conv2d(nn.Conv2d):
             x = relayout(x, torch.channels_last if large else torch.contiguous_format)
         return super().forward(x)
 
+    def _spike_plan(self, x: Tensor) -> spike_conv.Plan | None:
+        """The spike path's plan for input ``x`` (``spike_conv.plan_for``), or None: not spikes,
+        grouped, non-zero padding, compiling, or a convolution oneDNN must run contiguous."""
+        if (self.spike_conv == "off" or self.groups != 1 or self.padding_mode != "zeros"
+                or isinstance(self.padding, str) or torch.compiler.is_compiling()
+                or not channels_last_is_safe(self) or not is_spikes(x)):
+            return None
+        return spike_conv.plan_for(x, self.weight, self.spike_conv, _KIND)
 
-_MIN_PIXELS = CHANNELS_LAST_MIN_PIXELS[cpu_kind()]  # this machine's, read once at import
+
+_KIND = cpu_kind()  # this machine's, read once at import
+_MIN_PIXELS = CHANNELS_LAST_MIN_PIXELS[_KIND]
 
 
 def compile_model(model: nn.Module, **kwargs: Any) -> nn.Module:

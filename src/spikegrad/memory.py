@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["memory_order", "saved_tensors", "SavedTensors", "mark_spikes", "relayout", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
+__all__ = ["memory_order", "saved_tensors", "SavedTensors", "mark_spikes", "is_spikes", "relayout", "pack_bits", "unpack_bits", "BatchNorm2d", "batch_norm_saving_output", "GAMMA_MIN"]
 
 GAMMA_MIN = 1e-3
 _state = threading.local()
@@ -189,6 +189,13 @@ def mark_spikes(spikes: Tensor) -> None:
     if (active is not None and memory_order(spikes) is not None and spikes.storage_offset() == 0
             and spikes.untyped_storage().nbytes() == spikes.numel() * spikes.element_size()):
         active.marks[spikes.untyped_storage().data_ptr()] = _Mark(spikes)
+
+
+def is_spikes(t: Tensor) -> bool:
+    """Whether ``t`` views (unchanged) spikes a neuron marked (``mark_spikes``) in the open
+    ``saved_tensors()`` block: its values are 0 and 1. False outside such a block."""
+    active = _active()
+    return active is not None and active.mark_of(t) is not None
 
 
 def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:

@@ -39,7 +39,7 @@ __all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate"
 # it trains (the end of the learning-rate schedule), what it says about the paper; every
 # other key changes what the run computes
 RESUME_ALLOWED = ("epochs", "device", "data.root", "data.num_workers", "log_every", "checkpoint_every",
-                  "progress_every", "eval_batch_size", "nan_policy", "compile", "eager_steps", "neuron.backend",
+                  "progress_every", "eval_batch_size", "nan_policy", "compile", "eager_steps", "neuron.backend", "model.spike_conv",
                   "expected_accuracy", "expected_source")
 # run directories this process holds the lock of: resolved path -> (descriptor, id of the Trainer)
 _HELD: dict[str, tuple[int, int]] = {}
@@ -77,7 +77,8 @@ def model_kwargs(cfg: Config, info: dict) -> dict:
     kwargs = {"num_classes": info["num_classes"], "T": cfg.model.T,
               "in_channels": info["in_channels"], "encoding": cfg.model.encoding,
               "neuron": neuron, "surrogate": dict(cfg.surrogate), "norm": cfg.model.norm,
-              "width": cfg.model.width, "channels_last": cfg.model.channels_last}
+              "width": cfg.model.width, "channels_last": cfg.model.channels_last,
+              "spike_conv": cfg.model.spike_conv}
     if cfg.model.name.startswith("resnet"):
         stem = cfg.model.stem
         kwargs["stem"] = ("imagenet" if info["size"] >= 64 else "cifar") if stem == "auto" else stem

@@ -14,6 +14,7 @@ import functools
 from typing import Any, Callable, NamedTuple
 
 from .. import surrogate as sg
+from ..kernels.spike_conv import MODES as SPIKE_CONV_MODES
 from ..layers import ENCODERS, Conv2d, neuron_config
 from ..neuron import BACKENDS
 from ..registry import Registry
@@ -46,7 +47,7 @@ for _depth in plain.DEPTHS:
     MODELS.register(f"plain-{_depth}", ModelEntry(functools.partial(plain.plain, depth=_depth), {}))
 
 _COMMON = ("num_classes", "T", "in_channels", "encoding", "neuron", "surrogate", "norm", "width", "backend",
-           "channels_last")
+           "channels_last", "spike_conv")
 
 
 def list_models() -> list[str]:
@@ -89,7 +90,8 @@ def _neuron_backend(neuron_cfg: dict, backend: str) -> dict:
 def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: int = 3,
                  encoding: str = "direct", neuron: dict | None = None,
                  surrogate: sg.Surrogate | str | dict | None = None, norm: str = "bn", width: float = 1.0,
-                 backend: str = "auto", channels_last: bool = True, **options: Any) -> SpikingNet:
+                 backend: str = "auto", channels_last: bool = True, spike_conv: str = "auto",
+                 **options: Any) -> SpikingNet:
     """Build a registry model (see ``list_models()``) returning logits ``[T, B, num_classes]``.
 
     ``T`` time steps; ``encoding`` ``"direct"`` or ``"poisson"`` for static ``[B, C, H, W]``
@@ -99,7 +101,10 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     ``"none"`` (convs then get a bias); ``width`` multiplies every channel count;
     ``backend`` the neurons' backend (fills ``neuron["backend"]`` when that is ``auto``);
     ``channels_last`` runs the convolutions of CPU maps of at least 8x8 channels-last
-    (``layers.Conv2d``; same values and ``state_dict``, faster on CPU: docs/performance.md).
+    (``layers.Conv2d``; same values and ``state_dict``, faster on CPU: docs/performance.md);
+    ``spike_conv`` (``"auto"``, ``"on"``, ``"off"``) whether CPU convolutions of spike inputs
+    compute their forward and weight gradient from the active inputs (``kernels.spike_conv``;
+    ``"auto"``: where measured faster at the input's spike density).
     ResNets also take ``stem`` (``"cifar"``, default, or ``"imagenet"``) and ``sew`` (False).
     Any bad name or argument raises one ``ValueError``.
     """
@@ -117,6 +122,7 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     _choice("backend", backend, BACKENDS)
     if not isinstance(channels_last, bool):
         raise ValueError(f"channels_last must be true or false, got {channels_last!r}")
+    _choice("spike_conv", spike_conv, SPIKE_CONV_MODES)
     if not isinstance(width, (int, float)) or isinstance(width, bool) or not width > 0:
         raise ValueError(f"width must be a positive number, got {width!r}")
     neuron_cfg, sur = neuron_config(neuron), sg.resolve(surrogate)
@@ -124,10 +130,10 @@ def create_model(name: str, num_classes: int = 10, *, T: int = 4, in_channels: i
     ctx = Context(in_channels, num_classes, norm, float(width), _neuron_backend(neuron_cfg, backend), sur)
     config = {"name": key, "num_classes": num_classes, "T": T, "in_channels": in_channels,
               "encoding": encoding, "neuron": neuron_cfg, "surrogate": sur.config(), "norm": norm,
-              "width": float(width), "backend": backend, "channels_last": channels_last, **options}
+              "width": float(width), "backend": backend, "channels_last": channels_last, "spike_conv": spike_conv, **options}
     model = SpikingNet(builder(ctx, **options), encoding, T, in_channels, num_classes, sur, config)
     init_weights(model, init_gain(norm, neuron_cfg))
     for conv in model.modules():
         if isinstance(conv, Conv2d):
-            conv.channels_last = channels_last
+            conv.channels_last, conv.spike_conv = channels_last, spike_conv
     return model

@@ -1,0 +1,286 @@
+// Convolutions whose input is a spike tensor (every value 0 or 1), on the CPU, float32.
+//
+// A dense convolution multiplies every weight by every input value. When the input is
+// 0/1, the forward output is a sum of the weights at the active inputs, and the weight
+// gradient is a sum of output-gradient rows at the active inputs: both cost in
+// proportion to the number of spikes instead of the number of inputs. This file does
+// those two products by gather-and-accumulate over lists of the active inputs; the
+// input gradient (whose input is the dense output gradient) stays with oneDNN.
+//
+// Layouts (all dense, channels-last): spikes s [N, H, W, C], weights wt [KH, KW, C, Co],
+// output / output gradient [N, OH, OW, Co], weight gradient gwt [KH, KW, C, Co].
+// geometry g[15] = N, H, W, C, Co, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw.
+// Sums run in a fixed order whatever the thread count: results are deterministic.
+// Built and loaded by spike_conv.py (ctypes, plain C ABI: no PyTorch headers).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+namespace {
+
+struct Geometry {
+  int64_t N, H, W, C, Co, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw;
+  explicit Geometry(const int64_t* g)
+      : N(g[0]), H(g[1]), W(g[2]), C(g[3]), Co(g[4]), OH(g[5]), OW(g[6]), KH(g[7]), KW(g[8]),
+        sh(g[9]), sw(g[10]), ph(g[11]), pw(g[12]), dh(g[13]), dw(g[14]) {}
+};
+
+// f(begin, end) over [0, n) split into `threads` contiguous chunks, one std::thread each.
+template <typename F>
+void parallel_for(int64_t n, int threads, const F& f) {
+  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  int64_t size = (n + chunks - 1) / chunks;
+  std::vector<std::thread> pool;
+  for (int64_t t = 1; t < chunks; ++t) {
+    int64_t begin = t * size, end = std::min(n, begin + size);
+    if (begin < end) pool.emplace_back([&f, begin, end] { f(begin, end); });
+  }
+  f(0, std::min(n, size));
+  for (auto& th : pool) th.join();
+}
+
+// 8 floats: GCC/Clang vector extension (AVX2 register with -march on x86, NEON pairs on ARM)
+typedef float v8 __attribute__((vector_size(32)));
+inline v8 load8(const float* p) { v8 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// acc[0:8*NV] += row[0:8*NV], NV vectors of 8 (8 x NV output channels, in registers).
+template <int NV>
+struct Block {
+  v8 acc[NV];
+  void zero() {
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) acc[k] = v8{};
+  }
+  void add(const float* row) {
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) acc[k] += load8(row + 8 * k);
+  }
+  void store(float* out) const {
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) store8(out + 8 * k, acc[k]);
+  }
+  void add_to(float* out) const {
+#pragma GCC unroll 8
+    for (int k = 0; k < NV; ++k) store8(out + 8 * k, load8(out + 8 * k) + acc[k]);
+  }
+};
+
+// The scalar remainder (Co % 8 channels).
+struct Tail {
+  float acc[8];
+  int width;
+  void zero() { std::fill(acc, acc + 8, 0.f); }
+  void add(const float* row) { for (int k = 0; k < width; ++k) acc[k] += row[k]; }
+  void store(float* out) const { std::copy(acc, acc + width, out); }
+  void add_to(float* out) const { for (int k = 0; k < width; ++k) out[k] += acc[k]; }
+};
+
+// Calls body(block, co0) for every slice of the output channels: full blocks of 64
+// channels, one block of the remaining multiple of 8, then the scalar tail.
+template <typename Body>
+void for_channel_blocks(int64_t Co, const Body& body) {
+  int64_t co0 = 0;
+  for (; co0 + 64 <= Co; co0 += 64) { Block<8> b; body(b, co0); }
+  switch ((Co - co0) / 8) {
+    case 7: { Block<7> b; body(b, co0); break; }
+    case 6: { Block<6> b; body(b, co0); break; }
+    case 5: { Block<5> b; body(b, co0); break; }
+    case 4: { Block<4> b; body(b, co0); break; }
+    case 3: { Block<3> b; body(b, co0); break; }
+    case 2: { Block<2> b; body(b, co0); break; }
+    case 1: { Block<1> b; body(b, co0); break; }
+    default: break;
+  }
+  co0 += (Co - co0) / 8 * 8;
+  if (co0 < Co) { Tail t; t.width = static_cast<int>(Co - co0); body(t, co0); }
+}
+
+// Counting sort of the active inputs into buckets, keeping input order within a bucket.
+// pixel(p) gives, once per pixel, {base, item}: the active input (p, c) goes to bucket
+// base + c * step, and the list stores item(pixel(p), c). start gets nbuckets + 1
+// offsets; threads split the pixels.
+template <typename T, typename Pixel, typename Item>
+int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int64_t step, int threads,
+                    const Pixel& pixel, const Item& item, std::vector<int64_t>& start, std::vector<T>& items) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
+  const int64_t size = (P + chunks - 1) / chunks;
+  std::vector<int64_t> counts(chunks * nbuckets, 0);
+  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* count = counts.data() + t * nbuckets;
+      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
+        int64_t* at = count + pixel(p).base;
+        const float* row = s + p * C;
+        for (int64_t c = 0; c < C; ++c) at[c * step] += row[c] != 0.f;
+      }
+    }
+  });
+  start.assign(nbuckets + 1, 0);
+  int64_t total = 0;
+  for (int64_t b = 0; b < nbuckets; ++b) {
+    start[b] = total;
+    for (int64_t t = 0; t < chunks; ++t) {
+      const int64_t n = counts[t * nbuckets + b];
+      counts[t * nbuckets + b] = total;  // from here on: where chunk t writes bucket b
+      total += n;
+    }
+  }
+  start[nbuckets] = total;
+  items.resize(total);
+  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* next = counts.data() + t * nbuckets;
+      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
+        const auto info = pixel(p);
+        const float* row = s + p * C;
+        for (int64_t c = 0; c < C; ++c)
+          if (row[c] != 0.f) items[next[info.base + c * step]++] = item(info, c);
+      }
+    }
+  });
+  return total;
+}
+
+// Each pixel's active channels (ascending), built in one pass: threads split the pixels,
+// each writing its pixels' lists into its own buffer.
+struct ChannelLists {
+  std::vector<const uint16_t*> begin;  // [P]: pixel p's list
+  std::vector<int32_t> count;          // [P]: its length
+  std::vector<std::unique_ptr<uint16_t[]>> buffers;
+  int64_t spikes = 0;
+
+  ChannelLists(const float* s, int64_t P, int64_t C, int threads) : begin(P), count(P) {
+    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
+    const int64_t size = (P + chunks - 1) / chunks;
+    buffers.resize(chunks);
+    std::vector<int64_t> totals(chunks, 0);
+    parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t p0 = t * size, p1 = std::min(P, p0 + size);
+        if (p0 >= p1) continue;
+        buffers[t].reset(new uint16_t[(p1 - p0) * C + 1]);  // uninitialised: pages touched as written
+        uint16_t* out = buffers[t].get();
+        for (int64_t p = p0; p < p1; ++p) {
+          const float* row = s + p * C;
+          uint16_t* list = out;
+          for (int64_t c = 0; c < C; ++c) {  // branch-free: write always, advance on a spike
+            *out = uint16_t(c);
+            out += row[c] != 0.f;
+          }
+          begin[p] = list;
+          count[p] = int32_t(out - list);
+        }
+        totals[t] = out - buffers[t].get();
+      }
+    });
+    for (int64_t t : totals) spikes += t;
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The number of nonzero values among s[0 .. n).
+int64_t spike_count(const float* s, int64_t n, int threads) {
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  std::vector<int64_t> counts(chunks, 0);
+  parallel_for(chunks, threads, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int32_t count = 0;
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) count += s[i] != 0.f;
+      counts[c] = count;
+    }
+  });
+  int64_t total = 0;
+  for (int64_t count : counts) total += count;
+  return total;
+}
+
+// out[n, oh, ow, :] = sum over (kh, kw) and active channels c at the input pixel
+// (oh*sh - ph + kh*dh, ow*sw - pw + kw*dw) of wt[kh, kw, c, :]. Returns the spike count.
+int64_t spike_conv_forward(const float* s, const float* wt, float* out, const int64_t* geometry,
+                           int threads) {
+  const Geometry g(geometry);
+  const ChannelLists lists(s, g.N * g.H * g.W, g.C, threads);
+  parallel_for(g.N * g.OH, threads, [&](int64_t r0, int64_t r1) {
+    for_channel_blocks(g.Co, [&](auto& block, int64_t co0) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / g.OH, oh = r % g.OH;
+        for (int64_t ow = 0; ow < g.OW; ++ow) {
+          block.zero();
+          for (int64_t kh = 0; kh < g.KH; ++kh) {
+            const int64_t ih = oh * g.sh - g.ph + kh * g.dh;
+            if (ih < 0 || ih >= g.H) continue;
+            for (int64_t kw = 0; kw < g.KW; ++kw) {
+              const int64_t iw = ow * g.sw - g.pw + kw * g.dw;
+              if (iw < 0 || iw >= g.W) continue;
+              const int64_t p = (n * g.H + ih) * g.W + iw;
+              const float* rows = wt + (kh * g.KW + kw) * g.C * g.Co + co0;
+              const uint16_t* channel = lists.begin[p];
+              for (int32_t j = 0; j < lists.count[p]; ++j) block.add(rows + channel[j] * g.Co);
+            }
+          }
+          block.store(out + (r * g.OW + ow) * g.Co + co0);
+        }
+      }
+    });
+  });
+  return lists.spikes;
+}
+
+// gwt[kh, kw, c, :] = sum over active inputs (n, ih, iw, c) of go[n, oh, ow, :] where
+// oh = (ih + ph - kh*dh) / sh and ow likewise (exact division, inside the output).
+// The active inputs are sorted by (image group, channel, residue of (ih+ph, iw+pw) modulo
+// the stride): a (kh, kw) reads only the residue class that lands on the output grid, and
+// a group of images' output gradient stays in cache while every channel reads it.
+// Threads split the channels. Returns the spike count.
+int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, const int64_t* geometry,
+                               int threads) {
+  const Geometry g(geometry);
+  const int64_t HW = g.H * g.W, classes = g.sh * g.sw;
+  const int64_t group = std::max<int64_t>(1, 256 / std::max<int64_t>(1, g.OH * g.OW));  // images per group
+  const int64_t groups = (g.N + group - 1) / group;
+  struct Entry { int32_t base, y, x; };  // image n's first output pixel; (ih+ph)/sh, (iw+pw)/sw
+  struct Pixel { int64_t base; Entry entry; };
+  auto pixel = [&](int64_t p) {
+    const int64_t n = p / HW, ih = p / g.W % g.H, iw = p % g.W;
+    const int64_t cls = (ih + g.ph) % g.sh * g.sw + (iw + g.pw) % g.sw;
+    return Pixel{n / group * g.C * classes + cls,
+                 Entry{int32_t(n * g.OH * g.OW), int32_t((ih + g.ph) / g.sh), int32_t((iw + g.pw) / g.sw)}};
+  };
+  std::vector<int64_t> start;
+  std::vector<Entry> entries;
+  const int64_t spikes = bucket_sort<Entry>(s, g.N * HW, g.C, groups * g.C * classes, classes, threads, pixel,
+                                            [](const Pixel& px, int64_t) { return px.entry; }, start, entries);
+  std::fill(gwt, gwt + g.KH * g.KW * g.C * g.Co, 0.f);
+  parallel_for(g.C, threads, [&](int64_t c0, int64_t c1) {
+    for (int64_t grp = 0; grp < groups; ++grp)
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t kh = 0; kh < g.KH; ++kh)
+          for (int64_t kw = 0; kw < g.KW; ++kw) {
+            const int64_t cls = (kh * g.dh) % g.sh * g.sw + (kw * g.dw) % g.sw;
+            const int64_t b = (grp * g.C + c) * classes + cls;
+            const int64_t dy = kh * g.dh / g.sh, dx = kw * g.dw / g.sw;
+            float* row = gwt + ((kh * g.KW + kw) * g.C + c) * g.Co;
+            for_channel_blocks(g.Co, [&](auto& block, int64_t co0) {
+              block.zero();
+              for (int64_t j = start[b]; j < start[b + 1]; ++j) {
+                const Entry& e = entries[j];
+                const int64_t y = e.y - dy, x = e.x - dx;
+                if (y < 0 || y >= g.OH || x < 0 || x >= g.OW) continue;
+                block.add(go + (e.base + y * g.OW + x) * g.Co + co0);
+              }
+              block.add_to(row + co0);  // groups in order: a deterministic sum
+            });
+          }
+  });
+  return spikes;
+}
+
+}  // extern "C"
