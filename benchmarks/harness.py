@@ -48,12 +48,12 @@ from torch import Tensor, nn
 
 from peers import PEERS, peer_model, spikingjelly_lif
 from spikegrad import losses, neuron, surrogate as sg
-from spikegrad.layers import compile_model
+from spikegrad.layers import compile_model, cpu_kind
 from spikegrad.models import create_model, list_models
 from spikegrad.shortcut import ShortcutNet
 
 __all__ = ["main", "neuron_main", "conv_main", "step_main", "summarize", "time_runs", "candidates", "Setup", "Case",
-           "plan", "build_net", "training_step", "prepare", "Prepared", "measure", "time_interleaved", "worker",
+           "plan", "build_net", "spike_density", "training_step", "prepare", "Prepared", "measure", "time_interleaved", "worker",
            "run_isolated", "memory_isolated", "measure_memory", "LIVE_ENV", "add_ratios", "markdown",
            "DEFAULT_BACKENDS", "IMAGE", "CHANNELS", "CLASSES"]
 
@@ -189,17 +189,21 @@ class Setup:
 @dataclass(frozen=True)
 class Case:
     """One configuration: ``net`` is ``ann``, ``spikegrad`` or a peer; ``backend`` the neuron backend
-    (``-`` for the ANN, ``auto`` for SpikingJelly's own choice, ``torch`` for snnTorch)."""
+    (``-`` for the ANN, ``auto`` for SpikingJelly's own choice, ``torch`` for snnTorch);
+    ``spike_conv`` spikegrad's ``create_model(spike_conv=...)`` (``-`` for the others)."""
 
     net: str
     backend: str
     T: int
     shortcut: bool
+    spike_conv: str = "auto"
 
     @property
     def name(self) -> str:
-        """The network's name in reports, e.g. ``spikegrad fused``."""
-        return {"ann": "ANN twin", "spikegrad": f"spikegrad {self.backend}",
+        """The network's name in reports, e.g. ``spikegrad fused`` (``spike_conv`` auto) or
+        ``spikegrad fused, dense convs`` (off)."""
+        suffix = {"-": "", "auto": "", "off": ", dense convs", "on": ", spike convs"}[self.spike_conv]
+        return {"ann": "ANN twin", "spikegrad": f"spikegrad {self.backend}{suffix}",
                 "spikingjelly": "SpikingJelly", "snntorch": "snnTorch"}[self.net]
 
     @property
@@ -209,8 +213,10 @@ class Case:
 
 
 def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
-         shortcuts: list[bool], compiled: bool = False) -> tuple[list[Case], list[dict[str, str]]]:
-    """The cases to run, and ``{"case", "reason"}`` for the peers that cannot run here."""
+         shortcuts: list[bool], compiled: bool = False, spike_convs: tuple[str, ...] = ("auto",)
+         ) -> tuple[list[Case], list[dict[str, str]]]:
+    """The cases to run (spikegrad once per backend and ``spike_convs`` mode), and
+    ``{"case", "reason"}`` for the peers that cannot run here."""
     if compiled:
         missing = {p: "--compile compares the ANN twin and spikegrad, both compiled" for p in peers}
     else:
@@ -218,10 +224,10 @@ def plan(model: str, ts: list[int], backends: list[str], peers: list[str],
     runnable = [p for p in peers if p not in missing]
     cases = []
     for shortcut in shortcuts:
-        cases.append(Case("ann", "-", 1, shortcut))
+        cases.append(Case("ann", "-", 1, shortcut, "-"))
         for T in ts:
-            cases += [Case("spikegrad", b, T, shortcut) for b in backends]
-            cases += [Case(p, "auto" if p == "spikingjelly" else "torch", T, shortcut) for p in runnable]
+            cases += [Case("spikegrad", b, T, shortcut, mode) for b in backends for mode in spike_convs]
+            cases += [Case(p, "auto" if p == "spikingjelly" else "torch", T, shortcut, "-") for p in runnable]
     return cases, [{"case": p, "reason": reason} for p, reason in missing.items()]
 
 
@@ -237,11 +243,22 @@ def build_net(setup: Setup, case: Case) -> nn.Module:
                                       channels_last=setup.channels_last)
     elif case.net == "spikegrad":
         net = create_model(setup.model, CLASSES, T=case.T, width=setup.width, backend=case.backend,
-                           channels_last=setup.channels_last)
+                           channels_last=setup.channels_last, spike_conv=case.spike_conv)
     else:
         net = peer_model(case.net, setup.model, CLASSES, T=case.T, width=setup.width)
     net = ShortcutNet(net) if case.shortcut else net  # type: ignore[arg-type]  # snnTorch's PerStep quacks like one
     return compile_model(net, dynamic=False) if setup.compile else net  # fixed shapes: no symbolic recompiles
+
+
+def spike_density(setup: Setup, T: int) -> float:
+    """The mean spike density of the inputs of spikegrad's convolutions of spikes at ``T``,
+    weighted by their sizes, on the benchmark's batch at initialisation (what the spike-aware
+    convolutions see: kernels.spike_conv)."""
+    from spike_bench import spike_conv_shapes  # beside this file
+
+    counts, density = spike_conv_shapes(setup.model, setup.width, T, setup.batch, IMAGE)
+    sizes = {s: n * s.c_in * s.side ** 2 for s, n in counts.items()}
+    return sum(density[s] * size for s, size in sizes.items()) / max(1, sum(sizes.values()))
 
 
 def training_step(net: nn.Module, shortcut: bool, x: Tensor, y: Tensor) -> Callable[[], None]:
@@ -448,23 +465,27 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     ``memory_vs_<peer>`` and ``live_memory_vs_<peer>``: spikegrad / the peer at the same T
     and shortcut setting; ``shortcut_over_plain`` (time, ``_paired``) and
     ``memory_shortcut_over_plain``: a shortcut row / the same configuration without
-    branches. A ratio whose reference was not measured is None.
+    branches; ``vs_dense_convs`` (time, ``_paired``): a spikegrad row / the same with
+    ``spike_conv`` off. A ratio whose reference was not measured is None.
     """
-    index = {(r["net"], r["backend"], r["T"], r["shortcut"]): r for r in rows}
-    by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows}
+    index = {(r["net"], r["backend"], r["T"], r["shortcut"], r.get("spike_conv", "-")): r for r in rows}
+    by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows if r.get("spike_conv", "-") in ("-", "auto")}
     for r in rows:
         ratios: dict[str, float | None] = {}
         if r["net"] != "ann":
             ann = by_net.get(("ann", 1, r["shortcut"]))
             ratios["per_T_ann"] = _ratio(r["median_s"], ann and r["T"] * ann["median_s"])
         if r["net"] == "spikegrad":
+            if r["spike_conv"] != "off":
+                dense = index.get(("spikegrad", r["backend"], r["T"], r["shortcut"], "off")) or {}
+                ratios["vs_dense_convs"] = _paired(r, dense)
             for peer in PEERS:
                 ref = by_net.get((peer, r["T"], r["shortcut"])) or {}
                 ratios[f"vs_{peer}"] = _paired(r, ref)
                 ratios[f"memory_vs_{peer}"] = _ratio(r["peak_mib"], ref.get("peak_mib"))
                 ratios[f"live_memory_vs_{peer}"] = _ratio(r.get("live_mib"), ref.get("live_mib"))
         if r["shortcut"]:
-            plain = index.get((r["net"], r["backend"], r["T"], False)) or {}
+            plain = index.get((r["net"], r["backend"], r["T"], False, r.get("spike_conv", "-"))) or {}
             ratios["shortcut_over_plain"] = _paired(r, plain)
             ratios["memory_shortcut_over_plain"] = _ratio(r["peak_mib"], plain.get("peak_mib"))
         r["ratios"] = ratios
@@ -482,6 +503,7 @@ COLUMNS = [("net", lambda r: r["name"]), ("T", lambda r: str(r["T"])),
            ("SNN / (T x ANN)", lambda r: _fmt(r["ratios"].get("per_T_ann"))),
            ("/ SpikingJelly", lambda r: _fmt(r["ratios"].get("vs_spikingjelly"))),
            ("/ snnTorch", lambda r: _fmt(r["ratios"].get("vs_snntorch"))),
+           ("/ dense convs", lambda r: _fmt(r["ratios"].get("vs_dense_convs"))),
            ("mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("memory_vs_spikingjelly"))),
            ("live MiB", lambda r: _fmt(r.get("live_mib"), 0)),
            ("live mem / SpikingJelly", lambda r: _fmt(r["ratios"].get("live_memory_vs_spikingjelly")))]
@@ -506,7 +528,10 @@ def markdown(result: dict[str, Any]) -> str:
              "",
              f"{meta['date']}; {meta['machine']}; torch threads: {meta['threads']}; load average "
              f"{meta['load_before']} before, {meta['load_after']} after; torch {meta['torch']}, "
-             f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}.",
+             f"SpikingJelly {meta['spikingjelly']}, snnTorch {meta['snntorch']}; device {meta['device']}, "
+             f"CPU kind {meta['cpu_kind']}.",
+             "Spike density of spikegrad's convolution inputs (the benchmark batch, at initialisation): "
+             + ", ".join(f"T={T} {d:.3f}" for T, d in meta["spike_density"].items()) + ".",
              f"Median and interquartile range of {meta['repeats']} steps after {meta['warmup']} warm-up "
              f"steps, timed in interleaved rounds in one process, one group per T (the ANN twin in every "
              f"group, its times pooled); time ratios to a peer and shortcut / plain: the median of the "
@@ -549,7 +574,8 @@ def _command(args: argparse.Namespace, s: dict[str, Any]) -> str:
     """The ``spikegrad bench step`` command line that repeats this run (every option spelled out)."""
     words = ["spikegrad", "bench", "step", "--model", args.model, "--width", f"{s['width']:g}",
              "--batch", str(s["batch"]), "--T", *map(str, s["T"]), "--backends", *args.backends,
-             "--peers", *args.peers, "--shortcut", args.shortcut, "--repeats", str(s["repeats"]),
+             "--peers", *args.peers, "--shortcut", args.shortcut, "--spike-conv", *args.spike_conv,
+             "--repeats", str(s["repeats"]),
              "--warmup", str(s["warmup"]), "--device", s["device"], "--threads", str(s["threads"])]
     flags = [flag for flag, on in (("--compile", args.compile), ("--contiguous", args.contiguous),
                                    ("--in-process", args.in_process)) if on]
@@ -583,12 +609,13 @@ def step_main(args: argparse.Namespace) -> dict[str, Any]:
     if args.backends is None:
         args.backends = [*DEFAULT_BACKENDS, *(["triton"] if s["device"] == "cuda" else [])]
     cases, not_measured = plan(args.model, sorted(set(s["T"])), args.backends, args.peers, shortcuts,
-                               args.compile)
+                               args.compile, tuple(args.spike_conv))
     meta = {**asdict(setup), "T": sorted(set(s["T"])), "isolated": not args.in_process,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{_cpu_name()}, {os.cpu_count()} CPUs",
             "torch": torch.__version__, "spikingjelly": _version("spikingjelly"), "snntorch": _version("snntorch"),
-            "python": platform.python_version(), "load_before": _load(),
+            "python": platform.python_version(), "load_before": _load(), "cpu_kind": cpu_kind(),
+            "spike_density": {T: spike_density(setup, T) for T in sorted(set(s["T"]))},
             "command": _command(args, s)}
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     memory = {} if args.in_process else measure_memory(setup, cases, not_measured, log)

@@ -49,7 +49,7 @@ def spike_conv_shapes(model: str, width: float, T: int, batch: int, image: int =
                       ) -> tuple[Counter, dict[ConvShape, float]]:
     """The shapes of ``model``'s convolutions of spikes (how many of each) and the mean spike
     density of their inputs, from one training-mode forward of a random ``[batch, 3, image,
-    image]`` batch at initialisation (seed 0)."""
+    image]`` batch at initialisation (seeds 0, as the step benchmark's)."""
     torch.manual_seed(0)
     net = create_model(model, 10, T=T, width=width, backend="eager", spike_conv="off").train()
     seen: list[tuple[ConvShape, float]] = []
@@ -62,8 +62,8 @@ def spike_conv_shapes(model: str, width: float, T: int, batch: int, image: int =
             seen.append((shape, float((x != 0).float().mean())))
 
     handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, layers.Conv2d)]
-    with torch.no_grad():
-        net(torch.randn(batch, 3, image, image))
+    with torch.no_grad():  # the batch `spikegrad bench step` times (harness.prepare)
+        net(torch.randn(batch, 3, image, image, generator=torch.Generator().manual_seed(0)))
     for h in handles:
         h.remove()
     counts = Counter(shape for shape, _ in seen)
@@ -72,16 +72,19 @@ def spike_conv_shapes(model: str, width: float, T: int, batch: int, image: int =
 
 
 def products(shape: ConvShape, rows: int, density: float) -> dict[str, Callable[[], Any]]:
-    """The five products of ``shape`` on Bernoulli(``density``) spikes, channels-last:
-    dense ``forward``, ``input`` and ``weight`` (gradients), and ``spike forward`` and
+    """The five products of ``shape`` on Bernoulli(``density``) spikes: dense ``forward``,
+    ``input`` and ``weight`` (gradients) in the layout ``layers.Conv2d`` gives them
+    (channels-last unless oneDNN must run the shape contiguous), and ``spike forward`` and
     ``spike weight``."""
     gen = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(shape.c_in, shape.c_out, shape.kernel, shape.stride, shape.padding, bias=False)
+    layout = torch.channels_last if layers.channels_last_is_safe(conv) else torch.contiguous_format
     s = (torch.rand(rows, shape.c_in, shape.side, shape.side, generator=gen) < density).float()
-    s = s.contiguous(memory_format=torch.channels_last)
+    s = s.contiguous(memory_format=layout)
     w = torch.randn(shape.c_out, shape.c_in, shape.kernel, shape.kernel, generator=gen)
-    w = w.contiguous(memory_format=torch.channels_last)
+    w = w.contiguous(memory_format=layout)
     geo = (shape.stride, shape.padding, 1)
-    grad = torch.randn_like(F.conv2d(s, w, None, *geo))
+    grad = torch.randn_like(F.conv2d(s, w, None, *geo)).contiguous(memory_format=layout)
 
     def backward(mask: list[bool]) -> Callable[[], Any]:
         return lambda: torch.ops.aten.convolution_backward(grad, s, w, None, [shape.stride] * 2, [shape.padding] * 2,
@@ -154,7 +157,7 @@ def main(args: argparse.Namespace) -> str:
     header = (f"## Convolutions of spikes: {args.model} (width {args.width:g}), T={args.T}, batch {args.batch} "
               f"({args.T * args.batch} rows), 32x32 input\n\n{_cpu_name()}, CPU kind {layers.cpu_kind()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} "
-              f"interleaved rounds; Bernoulli spikes, channels-last.")
+              f"interleaved rounds; Bernoulli spikes, each dense product in its layer's layout.")
     text = report(counts, init, args.densities, times, header)
     print(text, end="")
     if args.out:

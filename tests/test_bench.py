@@ -284,3 +284,36 @@ def test_without_a_source_checkout_bench_says_so_in_one_line(tmp_path, monkeypat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "spikegrad bench needs a source checkout" in err and len(err.splitlines()) == 1
+
+
+def test_spike_conv_modes_are_rows_with_their_ratio_to_dense_convs_and_the_density(tmp_path):
+    result, text = _run(tmp_path, "--in-process", "--T", "2", "--backends", "torch", "--peers",
+                        "--shortcut", "off", "--spike-conv", "auto", "off")
+    rows = {(r["backend"], r["spike_conv"]): r for r in result["rows"] if r["net"] == "spikegrad"}
+    assert set(rows) == {("torch", "auto"), ("torch", "off")}
+    auto, off = rows[("torch", "auto")], rows[("torch", "off")]
+    assert auto["ratios"]["vs_dense_convs"] == pytest.approx(_per_round(auto, off))
+    assert "vs_dense_convs" not in off["ratios"]
+    assert (auto["name"], off["name"]) == ("spikegrad torch", "spikegrad torch, dense convs")
+    density = result["meta"]["spike_density"]["2"]
+    assert 0 < density < 1 and f"T=2 {density:.3f}" in text
+    assert "--spike-conv auto off" in result["meta"]["command"]
+
+
+def test_spike_table_reports_every_spike_convolution_at_every_density(tmp_path, capsys):
+    import spike_bench  # benchmarks/spike_bench.py
+
+    args = argparse.Namespace(model="resnet20", width=0.25, T=1, batch=2, densities=[0.1, 0.3], repeats=2,
+                              threads=None, out=str(tmp_path))
+    spike_bench.main(args)
+    counts, _ = spike_bench.spike_conv_shapes("resnet20", 0.25, 1, 2)
+    convs = [m for m in create_model("resnet20", 10, T=1, width=0.25).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert sum(counts.values()) == len(convs) - 1  # every conv but the image's
+    rows = json.loads((tmp_path / "spike_conv.json").read_text())
+    assert len(rows) == 2 * len(counts)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "->" in line]
+    for row, line in zip(rows, lines, strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[1] == f"{row['density']:g}"
+        assert cells[4] == f"{row['forward'] / row['spike forward']:.2f}"
+        assert cells[5] == f"{row['weight'] / row['spike weight']:.2f}"

@@ -281,6 +281,9 @@ def _parser() -> argparse.ArgumentParser:
                     choices=["spikingjelly", "snntorch"], help="peer libraries (default both; none: --peers)")
     st.add_argument("--shortcut", choices=["both", "off", "on"], default="both",
                     help="with and/or without shortcut branches (default both)")
+    st.add_argument("--spike-conv", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+                    help="spikegrad's convolutions of spikes (create_model spike_conv), one row per mode "
+                         "(default auto; add off for the dense reference)")
     st.add_argument("--repeats", type=int, help="timed steps per configuration (default 5; --quick 2)")
     st.add_argument("--warmup", type=int, help="untimed steps first, compiling included (default 2; --quick 1)")
     st.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
