@@ -151,11 +151,11 @@ def main(args: argparse.Namespace) -> str:
         raise RuntimeError("the spike-aware kernels could not be built here (no working C++ compiler)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    counts, init = spike_conv_shapes(args.model, args.width, args.T, args.batch)
+    counts, init = spike_conv_shapes(args.model, args.width, args.T, args.batch, args.image)
     times = measure(list(counts), args.densities, args.T * args.batch, args.repeats)
     from harness import _cpu_name  # the bench's machine line
     header = (f"## Convolutions of spikes: {args.model} (width {args.width:g}), T={args.T}, batch {args.batch} "
-              f"({args.T * args.batch} rows), 32x32 input\n\n{_cpu_name()}, CPU kind {layers.cpu_kind()}, "
+              f"({args.T * args.batch} rows), {args.image}x{args.image} input\n\n{_cpu_name()}, CPU kind {layers.cpu_kind()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} "
               f"interleaved rounds; Bernoulli spikes, each dense product in its layer's layout.")
     text = report(counts, init, args.densities, times, header)

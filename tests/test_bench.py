@@ -303,8 +303,8 @@ def test_spike_conv_modes_are_rows_with_their_ratio_to_dense_convs_and_the_densi
 def test_spike_table_reports_every_spike_convolution_at_every_density(tmp_path, capsys):
     import spike_bench  # benchmarks/spike_bench.py
 
-    args = argparse.Namespace(model="resnet20", width=0.25, T=1, batch=2, densities=[0.1, 0.3], repeats=2,
-                              threads=None, out=str(tmp_path))
+    args = argparse.Namespace(model="resnet20", width=0.25, T=1, batch=2, image=32, densities=[0.1, 0.3],
+                              repeats=2, threads=None, out=str(tmp_path))
     spike_bench.main(args)
     counts, _ = spike_bench.spike_conv_shapes("resnet20", 0.25, 1, 2)
     convs = [m for m in create_model("resnet20", 10, T=1, width=0.25).modules() if isinstance(m, torch.nn.Conv2d)]

@@ -313,6 +313,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--width", type=float, default=1.0)
     sp.add_argument("--T", type=int, default=4)
     sp.add_argument("--batch", type=int, default=32)
+    sp.add_argument("--image", type=int, default=32, help="input side (default 32; Fashion-MNIST 28)")
     sp.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
     sp.add_argument("--repeats", type=int, default=3)
     sp.add_argument("--threads", type=int, help="torch CPU threads (default torch's)")

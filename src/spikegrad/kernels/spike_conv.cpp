@@ -15,7 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -99,19 +99,47 @@ void for_channel_blocks(int64_t Co, const Body& body) {
   if (co0 < Co) { Tail t; t.width = static_cast<int>(Co - co0); body(t, co0); }
 }
 
+// Scratch memory kept from call to call, grown as needed and never shrunk: a fresh large
+// allocation is mapped anew by the C library and costs a page fault per 4 KiB page,
+// on some hosts as much as the work itself. One call at a time uses it (Workspace::lock).
+template <typename T>
+T* scratch(std::vector<T>& v, size_t n) {
+  if (v.size() < n) v.resize(n);
+  return v.data();
+}
+
+struct Entry { int32_t out; int16_t y, x; };  // see spike_conv_weight_grad
+
+struct Workspace {
+  std::mutex lock;
+  std::vector<int64_t> counts, start;
+  std::vector<uint16_t> channels;
+  std::vector<Entry> entries;
+  std::vector<const uint16_t*> begin;
+  std::vector<int32_t> count;
+};
+
+Workspace& workspace() {
+  static Workspace w;
+  return w;
+}
+
 // Counting sort of the active inputs into buckets, keeping input order within a bucket.
 // pixel(p) gives, once per pixel, {base, item}: the active input (p, c) goes to bucket
 // base + c * step, and the list stores item(pixel(p), c). start gets nbuckets + 1
 // offsets; threads split the pixels.
+// Returns the number of items; start[b] .. start[b+1] is bucket b's range of items.
 template <typename T, typename Pixel, typename Item>
 int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int64_t step, int threads,
-                    const Pixel& pixel, const Item& item, std::vector<int64_t>& start, std::vector<T>& items) {
+                    const Pixel& pixel, const Item& item, Workspace& w, std::vector<T>& storage,
+                    const int64_t*& start, const T*& items) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
   const int64_t size = (P + chunks - 1) / chunks;
-  std::vector<int64_t> counts(chunks * nbuckets, 0);
+  int64_t* counts = scratch(w.counts, chunks * nbuckets);
+  std::fill(counts, counts + chunks * nbuckets, 0);
   parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t* count = counts.data() + t * nbuckets;
+      int64_t* count = counts + t * nbuckets;
       for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
         int64_t* at = count + pixel(p).base;
         const float* row = s + p * C;
@@ -119,51 +147,53 @@ int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int6
       }
     }
   });
-  start.assign(nbuckets + 1, 0);
+  int64_t* offsets = scratch(w.start, nbuckets + 1);
   int64_t total = 0;
   for (int64_t b = 0; b < nbuckets; ++b) {
-    start[b] = total;
+    offsets[b] = total;
     for (int64_t t = 0; t < chunks; ++t) {
       const int64_t n = counts[t * nbuckets + b];
       counts[t * nbuckets + b] = total;  // from here on: where chunk t writes bucket b
       total += n;
     }
   }
-  start[nbuckets] = total;
-  items.resize(total);
+  offsets[nbuckets] = total;
+  T* out = scratch(storage, total);
   parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      int64_t* next = counts.data() + t * nbuckets;
+      int64_t* next = counts + t * nbuckets;
       for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
         const auto info = pixel(p);
         const float* row = s + p * C;
         for (int64_t c = 0; c < C; ++c)
-          if (row[c] != 0.f) items[next[info.base + c * step]++] = item(info, c);
+          if (row[c] != 0.f) out[next[info.base + c * step]++] = item(info, c);
       }
     }
   });
+  start = offsets;
+  items = out;
   return total;
 }
 
 // Each pixel's active channels (ascending), built in one pass: threads split the pixels,
-// each writing its pixels' lists into its own buffer.
+// each writing its pixels' lists into its own part of the workspace.
 struct ChannelLists {
-  std::vector<const uint16_t*> begin;  // [P]: pixel p's list
-  std::vector<int32_t> count;          // [P]: its length
-  std::vector<std::unique_ptr<uint16_t[]>> buffers;
+  const uint16_t* const* begin;  // [P]: pixel p's list
+  const int32_t* count;          // [P]: its length
   int64_t spikes = 0;
 
-  ChannelLists(const float* s, int64_t P, int64_t C, int threads) : begin(P), count(P) {
+  ChannelLists(const float* s, int64_t P, int64_t C, int threads, Workspace& w) {
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
     const int64_t size = (P + chunks - 1) / chunks;
-    buffers.resize(chunks);
+    uint16_t* buffer = scratch(w.channels, P * C + chunks);
+    const uint16_t** starts = scratch(w.begin, P);
+    int32_t* counts = scratch(w.count, P);
     std::vector<int64_t> totals(chunks, 0);
     parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * size, p1 = std::min(P, p0 + size);
-        if (p0 >= p1) continue;
-        buffers[t].reset(new uint16_t[(p1 - p0) * C + 1]);  // uninitialised: pages touched as written
-        uint16_t* out = buffers[t].get();
+        uint16_t* const first = buffer + p0 * C + t;  // room for the last pixel's extra write
+        uint16_t* out = first;
         for (int64_t p = p0; p < p1; ++p) {
           const float* row = s + p * C;
           uint16_t* list = out;
@@ -171,12 +201,14 @@ struct ChannelLists {
             *out = uint16_t(c);
             out += row[c] != 0.f;
           }
-          begin[p] = list;
-          count[p] = int32_t(out - list);
+          starts[p] = list;
+          counts[p] = int32_t(out - list);
         }
-        totals[t] = out - buffers[t].get();
+        totals[t] = out - first;
       }
     });
+    begin = starts;
+    count = counts;
     for (int64_t t : totals) spikes += t;
   }
 };
@@ -192,8 +224,10 @@ int64_t spike_count(const float* s, int64_t n, int threads) {
   std::vector<int64_t> counts(chunks, 0);
   parallel_for(chunks, threads, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
+      const float* begin = s + c * kChunk;
+      const int64_t size = std::min(n - c * kChunk, kChunk);
       int32_t count = 0;
-      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) count += s[i] != 0.f;
+      for (int64_t i = 0; i < size; ++i) count += begin[i] != 0.f;
       counts[c] = count;
     }
   });
@@ -207,7 +241,9 @@ int64_t spike_count(const float* s, int64_t n, int threads) {
 int64_t spike_conv_forward(const float* s, const float* wt, float* out, const int64_t* geometry,
                            int threads) {
   const Geometry g(geometry);
-  const ChannelLists lists(s, g.N * g.H * g.W, g.C, threads);
+  Workspace& w = workspace();
+  const std::lock_guard<std::mutex> hold(w.lock);
+  const ChannelLists lists(s, g.N * g.H * g.W, g.C, threads, w);
   parallel_for(g.N * g.OH, threads, [&](int64_t r0, int64_t r1) {
     for_channel_blocks(g.Co, [&](auto& block, int64_t co0) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -246,18 +282,23 @@ int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, cons
   const int64_t HW = g.H * g.W, classes = g.sh * g.sw;
   const int64_t group = std::max<int64_t>(1, 256 / std::max<int64_t>(1, g.OH * g.OW));  // images per group
   const int64_t groups = (g.N + group - 1) / group;
-  struct Entry { int32_t base, y, x; };  // image n's first output pixel; (ih+ph)/sh, (iw+pw)/sw
+  // an active input (n, ih, iw) as y = (ih+ph)/sh, x = (iw+pw)/sw and out, the index of
+  // output pixel (n, y, x): for (kh, kw) it feeds output (y - dy, x - dx), index out - dy*OW - dx
   struct Pixel { int64_t base; Entry entry; };
   auto pixel = [&](int64_t p) {
     const int64_t n = p / HW, ih = p / g.W % g.H, iw = p % g.W;
     const int64_t cls = (ih + g.ph) % g.sh * g.sw + (iw + g.pw) % g.sw;
+    const int64_t y = (ih + g.ph) / g.sh, x = (iw + g.pw) / g.sw;
     return Pixel{n / group * g.C * classes + cls,
-                 Entry{int32_t(n * g.OH * g.OW), int32_t((ih + g.ph) / g.sh), int32_t((iw + g.pw) / g.sw)}};
+                 Entry{int32_t((n * g.OH + y) * g.OW + x), int16_t(y), int16_t(x)}};
   };
-  std::vector<int64_t> start;
-  std::vector<Entry> entries;
+  Workspace& w = workspace();
+  const std::lock_guard<std::mutex> hold(w.lock);
+  const int64_t* start = nullptr;
+  const Entry* entries = nullptr;
   const int64_t spikes = bucket_sort<Entry>(s, g.N * HW, g.C, groups * g.C * classes, classes, threads, pixel,
-                                            [](const Pixel& px, int64_t) { return px.entry; }, start, entries);
+                                            [](const Pixel& px, int64_t) { return px.entry; }, w, w.entries,
+                                            start, entries);
   std::fill(gwt, gwt + g.KH * g.KW * g.C * g.Co, 0.f);
   parallel_for(g.C, threads, [&](int64_t c0, int64_t c1) {
     for (int64_t grp = 0; grp < groups; ++grp)
@@ -274,7 +315,7 @@ int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, cons
                 const Entry& e = entries[j];
                 const int64_t y = e.y - dy, x = e.x - dx;
                 if (y < 0 || y >= g.OH || x < 0 || x >= g.OW) continue;
-                block.add(go + (e.base + y * g.OW + x) * g.Co + co0);
+                block.add(go + (e.out - dy * g.OW - dx) * g.Co + co0);
               }
               block.add_to(row + co0);  // groups in order: a deterministic sum
             });

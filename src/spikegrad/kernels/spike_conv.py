@@ -196,17 +196,23 @@ def weight_grad(spikes: Tensor, grad_out: Tensor, weight_shape: Sequence[int], s
     return rows.permute(3, 2, 0, 1).contiguous()
 
 
+def _fits(spikes: Tensor) -> bool:
+    """Within the kernels' index types: channels in 16 bits, sides in 15, pixels in 31."""
+    N, C, H, W = spikes.shape
+    return C < 2**16 and max(H, W) < 2**15 and N * H * W < 2**31
+
+
 def plan_for(spikes: Tensor, weight: Tensor, mode: str, kind: str) -> Plan | None:
     """Which products of ``conv2d(spikes, weight)`` take the spike path, or None for none.
 
     ``spikes: [N, C, H, W]`` must be 0/1 (the caller knows: a neuron marked them).
     ``mode``: ``"on"`` both products; ``"off"`` none; ``"auto"`` each where this CPU kind's
     measured ``MAX_DENSITY`` allows at the input's density, for kernels larger than 1x1
-    with at least ``MIN_CHANNELS`` input and output channels. float32 only; never without
-    the compiled kernels (``"on"`` then raises)."""
+    with at least ``MIN_CHANNELS`` input and output channels. float32 only, sizes within the
+    kernels' index types; never without the compiled kernels (``"on"`` then raises)."""
     if mode not in MODES:
         raise ValueError(f"spike_conv must be one of {', '.join(MODES)}, got {mode!r}")
-    if mode == "off" or spikes.dtype != torch.float32 or weight.dtype != torch.float32:
+    if mode == "off" or spikes.dtype != torch.float32 or weight.dtype != torch.float32 or not _fits(spikes):
         return None
     if mode == "on":
         _lib()
