@@ -148,6 +148,17 @@ def test_a_model_takes_the_path_for_its_spike_inputs_only_and_trains_the_same(mo
     assert calls == []
 
 
+def test_autocast_keeps_the_dense_convolution(monkeypatch):
+    calls = _counting(monkeypatch)
+    torch.manual_seed(0)
+    model = create_model("resnet20", 10, T=1, width=0.5, spike_conv="on")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 8, 8))
+    assert calls == []
+    model(torch.randn(1, 3, 8, 8))
+    assert calls
+
+
 def test_only_spikes_a_neuron_marked_count_as_spikes():
     x = (torch.rand(2, 4, 5, 5) < 0.5).float()
     assert not memory.is_spikes(x)  # no saved_tensors() block

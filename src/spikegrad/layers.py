@@ -261,9 +261,10 @@ class Conv2d(nn.Conv2d):
 
     def _spike_plan(self, x: Tensor) -> spike_conv.Plan | None:
         """The spike path's plan for input ``x`` (``spike_conv.plan_for``), or None: not spikes,
-        grouped, non-zero padding, compiling, or a convolution oneDNN must run contiguous."""
+        grouped, non-zero padding, compiling, autocast, or a convolution oneDNN must run contiguous."""
         if (self.spike_conv == "off" or self.groups != 1 or self.padding_mode != "zeros"
                 or isinstance(self.padding, str) or torch.compiler.is_compiling()
+                or torch.is_autocast_enabled(x.device.type)
                 or not channels_last_is_safe(self) or not is_spikes(x)):
             return None
         return spike_conv.plan_for(x, self.weight, self.spike_conv, _KIND)

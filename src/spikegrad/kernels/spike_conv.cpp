@@ -11,12 +11,12 @@
 // output / output gradient [N, OH, OW, Co], weight gradient gwt [KH, KW, C, Co].
 // geometry g[15] = N, H, W, C, Co, OH, OW, KH, KW, sh, sw, ph, pw, dh, dw.
 // Sums run in a fixed order whatever the thread count: results are deterministic.
+// Threads: OpenMP (parallel_for), the thread count the caller passes (PyTorch's).
 // Built and loaded by spike_conv.py (ctypes, plain C ABI: no PyTorch headers).
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <mutex>
-#include <thread>
 #include <vector>
 
 namespace {
@@ -28,18 +28,19 @@ struct Geometry {
         sh(g[9]), sw(g[10]), ph(g[11]), pw(g[12]), dh(g[13]), dw(g[14]) {}
 };
 
-// f(begin, end) over [0, n) split into `threads` contiguous chunks, one std::thread each.
+// f(begin, end) over [0, n) split into at most `threads` contiguous chunks, run by
+// OpenMP. Built with -fopenmp, this file links libgomp.so.1, the very library PyTorch's
+// CPU wheels load, so the chunks run on PyTorch's own worker threads (a thread pool of
+// ours would fight its spinning workers for the cores); without OpenMP, one by one.
 template <typename F>
 void parallel_for(int64_t n, int threads, const F& f) {
-  int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, n));
-  int64_t size = (n + chunks - 1) / chunks;
-  std::vector<std::thread> pool;
-  for (int64_t t = 1; t < chunks; ++t) {
-    int64_t begin = t * size, end = std::min(n, begin + size);
-    if (begin < end) pool.emplace_back([&f, begin, end] { f(begin, end); });
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, n));
+  const int64_t size = (n + chunks - 1) / chunks;
+#pragma omp parallel for num_threads(chunks) schedule(static, 1) if (chunks > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t begin = t * size, end = std::min(n, begin + size);
+    if (begin < end) f(begin, end);
   }
-  f(0, std::min(n, size));
-  for (auto& th : pool) th.join();
 }
 
 // 8 floats: GCC/Clang vector extension (AVX2 register with -march on x86, NEON pairs on ARM)

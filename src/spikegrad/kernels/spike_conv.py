@@ -45,7 +45,7 @@ MODES = ("auto", "on", "off")  # layers.Conv2d.spike_conv: the rule, always (spi
 # output channels; narrower or 1x1 convolutions are cheap for oneDNN and stay dense.
 # Measured with `spikegrad bench spikes` on ResNet-18's convolutions (docs/performance.md,
 # "Spike-aware convolutions"); AVX-512 hosts are not measured yet, so they stay dense.
-MAX_DENSITY = {"avx2": {"forward": 0.3, "weight": 0.25}, "avx512": {"forward": 0.0, "weight": 0.0},
+MAX_DENSITY = {"avx2": {"forward": 0.25, "weight": 0.25}, "avx512": {"forward": 0.0, "weight": 0.0},
                "other": {"forward": 0.0, "weight": 0.0}}
 MIN_CHANNELS = 32
 
@@ -79,10 +79,11 @@ def _host_id() -> str:
 
 
 def _compile(compiler: str, output: Path) -> bool:
-    """Compiles the kernels into ``output``: tuned for this CPU, or portable if the compiler
-    refuses ``-march=native``. True on success."""
-    for arch in (["-march=native"], []):
-        result = subprocess.run([compiler, *_FLAGS, *arch, str(_SOURCE), "-o", str(output)],
+    """Compiles the kernels into ``output``: tuned for this CPU (``-march=native``) and
+    threaded by OpenMP (``-fopenmp``: PyTorch's own libgomp, already loaded), each dropped
+    if the compiler refuses it. True on success."""
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
+        result = subprocess.run([compiler, *_FLAGS, *extra, str(_SOURCE), "-o", str(output)],
                                 capture_output=True, text=True)
         if result.returncode == 0:
             return True
