@@ -222,3 +222,12 @@ def test_the_build_is_cached_per_source_and_host(monkeypatch, tmp_path):
 def test_create_model_rejects_an_unknown_mode():
     with pytest.raises(ValueError, match="spike_conv"):
         create_model("plain-8", 10, T=1, width=0.25, spike_conv="fast")
+
+
+def test_the_config_key_takes_yaml_on_and_off_as_words():
+    from spikegrad.config import ConfigError, from_dict
+
+    assert from_dict({"model": {"spike_conv": False}}).model.spike_conv == "off"  # `spike_conv: off` in YAML
+    assert from_dict({"model": {"spike_conv": True}}).model.spike_conv == "on"
+    with pytest.raises(ConfigError, match="'model.spike_conv' must be one of auto, on, off, got 'fast'"):
+        from_dict({"model": {"spike_conv": "fast"}})

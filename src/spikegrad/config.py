@@ -184,9 +184,11 @@ def choices() -> dict[str, tuple[str, ...]]:
     """Every key with a closed set of values: ``CHOICES`` and the registries' names (read
     when a config is checked, so a user's registered neuron, method or loss is accepted)."""
     from . import data, layers, losses, methods, models, neuron, schedules  # torch: not at import time
+    from .kernels import spike_conv
 
     return {**CHOICES,
             "model.encoding": tuple(layers.ENCODERS), "model.norm": models.NORMS,
+            "model.spike_conv": spike_conv.MODES,
             "neuron.type": tuple(layers.NEURONS.names()), "neuron.backend": neuron.BACKENDS,
             "method.name": tuple(methods.METHODS.names()), "method.schedule": schedules.BALANCE_KINDS,
             "loss.name": tuple(losses.LOSSES.names()), "surrogate_schedule.kind": schedules.ADALI_KINDS,
@@ -289,6 +291,8 @@ def _build(cls: type, data: dict, allowed: dict[str, tuple[str, ...]], prefix: s
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, allowed, f"{full}.")
         else:
+            if isinstance(value, bool) and {"on", "off"} <= set(allowed.get(full, ())):
+                value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
             kwargs[key] = _coerce(full, value, tp)
             _check_value(full, kwargs[key], allowed)
     return cls(**kwargs)
