@@ -8,6 +8,8 @@ Tolerance: float32 results within 1e-5 (absolute; weights scaled by 1/sqrt(fan-i
 outputs and gradients are of order 1) of the float64 dense reference, the same bound the
 dense float32 convolution meets.
 """
+import warnings
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -192,12 +194,25 @@ def test_without_a_compiler_auto_stays_dense_and_on_says_why(monkeypatch):
         spike_conv.plan_for(spikes, weight, "on", "avx2")
 
 
-def test_a_failed_build_warns_once_and_leaves_the_convolutions_dense(monkeypatch, tmp_path):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("SPIKEGRAD_CACHE_DIR", str(tmp_path))
-    spike_conv.library.cache_clear()
+def test_a_failed_build_warns_and_leaves_the_convolutions_dense(monkeypatch, tmp_path):
+    """A compiler that fails: one warning with its last error line, no library, nothing
+    left in the cache; a missing compiler: no library either."""
+    fake = tmp_path / "cc"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo fake 1.0; exit 0; fi\n'
+                    'echo "error: boom" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("SPIKEGRAD_CACHE_DIR", str(tmp_path / "cache"))
     try:
-        assert spike_conv.library() is None and not spike_conv.available()
+        for compiler, warns in ((fake, True), (tmp_path / "no-such-compiler", False)):
+            monkeypatch.setenv("CXX", str(compiler))
+            spike_conv.library.cache_clear()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                assert spike_conv.library() is None and not spike_conv.available()
+            messages = [str(w.message) for w in caught]
+            assert messages == (["spikegrad: could not build the spike-aware convolutions with "
+                                 f"{fake} (error: boom); convolutions stay dense"] if warns else [])
+        assert list((tmp_path / "cache").iterdir()) == []
     finally:
         monkeypatch.undo()
         spike_conv.library.cache_clear()

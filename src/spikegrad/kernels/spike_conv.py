@@ -87,9 +87,9 @@ def _compile(compiler: str, output: Path) -> bool:
                                 capture_output=True, text=True)
         if result.returncode == 0:
             return True
-    warnings.warn(f"spikegrad: could not build the spike-aware convolutions with {compiler} "
-                  f"({result.stderr.strip().splitlines()[-1:] or ['no output']}[0]); convolutions stay dense",
-                  stacklevel=3)
+    last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+    warnings.warn(f"spikegrad: could not build the spike-aware convolutions with {compiler} ({last}); "
+                  f"convolutions stay dense", stacklevel=3)
     return False
 
 
