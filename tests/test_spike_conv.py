@@ -246,3 +246,29 @@ def test_the_config_key_takes_yaml_on_and_off_as_words():
     assert from_dict({"model": {"spike_conv": True}}).model.spike_conv == "on"
     with pytest.raises(ConfigError, match="'model.spike_conv' must be one of auto, on, off, got 'fast'"):
         from_dict({"model": {"spike_conv": "fast"}})
+
+
+def test_the_kernels_keep_within_their_buffers_under_glibc_heap_checks():
+    """Every geometry, both products, 1 and 2 threads, in a fresh interpreter with glibc's
+    heap checks on and freed memory poisoned: a write past a buffer aborts it."""
+    import os
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from spikegrad.kernels import spike_conv
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for N, C, side, Co, k, stride, padding, dilation in {GEOMETRIES!r}:
+        for density in (0.0, 0.3, 1.0):
+            s = (torch.rand(N, C, side, side) < density).float()
+            w = torch.randn(Co, C, k, k)
+            out = spike_conv.forward(s, w, stride, padding, dilation)
+            spike_conv.weight_grad(s, torch.randn_like(out), w.shape, stride, padding, dilation)
+            [torch.empty(997 * i) for i in range(1, 20)]
+print("ok")
+"""
+    env = {**os.environ, "MALLOC_CHECK_": "3", "MALLOC_PERTURB_": "165"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
