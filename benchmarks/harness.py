@@ -468,8 +468,8 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     branches; ``vs_dense_convs`` (time, ``_paired``): a spikegrad row / the same with
     ``spike_conv`` off. A ratio whose reference was not measured is None.
     """
-    index = {(r["net"], r["backend"], r["T"], r["shortcut"], r.get("spike_conv", "-")): r for r in rows}
-    by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows if r.get("spike_conv", "-") in ("-", "auto")}
+    index = {(r["net"], r["backend"], r["T"], r["shortcut"], r["spike_conv"]): r for r in rows}
+    by_net = {(r["net"], r["T"], r["shortcut"]): r for r in rows if r["spike_conv"] in ("-", "auto")}
     for r in rows:
         ratios: dict[str, float | None] = {}
         if r["net"] != "ann":
@@ -485,7 +485,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
                 ratios[f"memory_vs_{peer}"] = _ratio(r["peak_mib"], ref.get("peak_mib"))
                 ratios[f"live_memory_vs_{peer}"] = _ratio(r.get("live_mib"), ref.get("live_mib"))
         if r["shortcut"]:
-            plain = index.get((r["net"], r["backend"], r["T"], False, r.get("spike_conv", "-"))) or {}
+            plain = index.get((r["net"], r["backend"], r["T"], False, r["spike_conv"])) or {}
             ratios["shortcut_over_plain"] = _paired(r, plain)
             ratios["memory_shortcut_over_plain"] = _ratio(r["peak_mib"], plain.get("peak_mib"))
         r["ratios"] = ratios

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -27,6 +26,8 @@ from torch.nn import functional as F
 from spikegrad import layers, memory
 from spikegrad.kernels import spike_conv
 from spikegrad.models import create_model
+
+from harness import _cpu_name, time_runs  # beside this file; it imports this module only inside functions
 
 __all__ = ["ConvShape", "spike_conv_shapes", "products", "main"]
 
@@ -95,12 +96,6 @@ def products(shape: ConvShape, rows: int, density: float) -> dict[str, Callable[
             "spike weight": lambda: spike_conv.weight_grad(s, grad, w.shape, *geo)}
 
 
-def _time(run: Callable[[], Any]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def measure(shapes: list[ConvShape], densities: list[float], rows: int, repeats: int) -> dict[tuple, float]:
     """Median seconds of each (shape, density, product), timed in interleaved rounds (one
     call of every product of a shape and density in turn) after one untimed call each."""
@@ -109,10 +104,10 @@ def measure(shapes: list[ConvShape], densities: list[float], rows: int, repeats:
         for density in densities:
             runs = products(shape, rows, density)
             for run in runs.values():
-                run()
+                time_runs(run, 0, 1)
             for _ in range(repeats):
                 for name, run in runs.items():
-                    times.setdefault((shape, density, name), []).append(_time(run))
+                    times.setdefault((shape, density, name), []).extend(time_runs(run, 1, 0))
     return {key: statistics.median(values) for key, values in times.items()}
 
 
@@ -153,7 +148,6 @@ def main(args: argparse.Namespace) -> str:
         torch.set_num_threads(args.threads)
     counts, init = spike_conv_shapes(args.model, args.width, args.T, args.batch, args.image)
     times = measure(list(counts), args.densities, args.T * args.batch, args.repeats)
-    from harness import _cpu_name  # the bench's machine line
     header = (f"## Convolutions of spikes: {args.model} (width {args.width:g}), T={args.T}, batch {args.batch} "
               f"({args.T * args.batch} rows), {args.image}x{args.image} input\n\n{_cpu_name()}, CPU kind {layers.cpu_kind()}, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} "

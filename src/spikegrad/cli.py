@@ -224,6 +224,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .kernels.spike_conv import MODES as SPIKE_CONV_MODES
     from .neuron import BACKENDS
     parser = _Parser(prog="spikegrad", description="Train deep spiking neural "
                      "networks with surrogate gradients and shortcut back-propagation.")
@@ -281,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
                     choices=["spikingjelly", "snntorch"], help="peer libraries (default both; none: --peers)")
     st.add_argument("--shortcut", choices=["both", "off", "on"], default="both",
                     help="with and/or without shortcut branches (default both)")
-    st.add_argument("--spike-conv", nargs="+", choices=["auto", "on", "off"], default=["auto"],
+    st.add_argument("--spike-conv", nargs="+", choices=SPIKE_CONV_MODES, default=["auto"],
                     help="spikegrad's convolutions of spikes (create_model spike_conv), one row per mode "
                          "(default auto; add off for the dense reference)")
     st.add_argument("--repeats", type=int, help="timed steps per configuration (default 5; --quick 2)")

@@ -39,8 +39,8 @@ __all__ = ["Trainer", "TrainingError", "build_model", "model_kwargs", "evaluate"
 # it trains (the end of the learning-rate schedule), what it says about the paper; every
 # other key changes what the run computes
 RESUME_ALLOWED = ("epochs", "device", "data.root", "data.num_workers", "log_every", "checkpoint_every",
-                  "progress_every", "eval_batch_size", "nan_policy", "compile", "eager_steps", "neuron.backend", "model.spike_conv",
-                  "expected_accuracy", "expected_source")
+                  "progress_every", "eval_batch_size", "nan_policy", "compile", "eager_steps", "neuron.backend",
+                  "model.spike_conv", "expected_accuracy", "expected_source")
 # run directories this process holds the lock of: resolved path -> (descriptor, id of the Trainer)
 _HELD: dict[str, tuple[int, int]] = {}
 # files of a run directory the trainer writes (a symbolic link among them is refused)

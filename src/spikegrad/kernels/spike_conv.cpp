@@ -129,9 +129,9 @@ Workspace& workspace() {
 // pixel(p) gives, once per pixel, {base, item}: the active input (p, c) goes to bucket
 // base + c * step, and the list stores item(pixel(p), c). start gets nbuckets + 1
 // offsets; threads split the pixels.
-// Returns the number of items; start[b] .. start[b+1] is bucket b's range of items.
+// start[b] .. start[b+1] is bucket b's range of items.
 template <typename T, typename Pixel, typename Item>
-int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int64_t step, int threads,
+void bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int64_t step, int threads,
                     const Pixel& pixel, const Item& item, Workspace& w, std::vector<T>& storage,
                     const int64_t*& start, const T*& items) {
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
@@ -173,7 +173,6 @@ int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int6
   });
   start = offsets;
   items = out;
-  return total;
 }
 
 // Each pixel's active channels (ascending), built in one pass: threads split the pixels,
@@ -181,7 +180,6 @@ int64_t bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int6
 struct ChannelLists {
   const uint16_t* const* begin;  // [P]: pixel p's list
   const int32_t* count;          // [P]: its length
-  int64_t spikes = 0;
 
   ChannelLists(const float* s, int64_t P, int64_t C, int threads, Workspace& w) {
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
@@ -189,12 +187,10 @@ struct ChannelLists {
     uint16_t* buffer = scratch(w.channels, P * C + chunks);
     const uint16_t** starts = scratch(w.begin, P);
     int32_t* counts = scratch(w.count, P);
-    std::vector<int64_t> totals(chunks, 0);
     parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t p0 = t * size, p1 = std::min(P, p0 + size);
-        uint16_t* const first = buffer + p0 * C + t;  // room for the last pixel's extra write
-        uint16_t* out = first;
+        uint16_t* out = buffer + p0 * C + t;  // room for the last pixel's extra write
         for (int64_t p = p0; p < p1; ++p) {
           const float* row = s + p * C;
           uint16_t* list = out;
@@ -205,12 +201,10 @@ struct ChannelLists {
           starts[p] = list;
           counts[p] = int32_t(out - list);
         }
-        totals[t] = out - first;
       }
     });
     begin = starts;
     count = counts;
-    for (int64_t t : totals) spikes += t;
   }
 };
 
@@ -238,8 +232,8 @@ int64_t spike_count(const float* s, int64_t n, int threads) {
 }
 
 // out[n, oh, ow, :] = sum over (kh, kw) and active channels c at the input pixel
-// (oh*sh - ph + kh*dh, ow*sw - pw + kw*dw) of wt[kh, kw, c, :]. Returns the spike count.
-int64_t spike_conv_forward(const float* s, const float* wt, float* out, const int64_t* geometry,
+// (oh*sh - ph + kh*dh, ow*sw - pw + kw*dw) of wt[kh, kw, c, :].
+void spike_conv_forward(const float* s, const float* wt, float* out, const int64_t* geometry,
                            int threads) {
   const Geometry g(geometry);
   Workspace& w = workspace();
@@ -268,7 +262,6 @@ int64_t spike_conv_forward(const float* s, const float* wt, float* out, const in
       }
     });
   });
-  return lists.spikes;
 }
 
 // gwt[kh, kw, c, :] = sum over active inputs (n, ih, iw, c) of go[n, oh, ow, :] where
@@ -276,8 +269,8 @@ int64_t spike_conv_forward(const float* s, const float* wt, float* out, const in
 // The active inputs are sorted by (image group, channel, residue of (ih+ph, iw+pw) modulo
 // the stride): a (kh, kw) reads only the residue class that lands on the output grid, and
 // a group of images' output gradient stays in cache while every channel reads it.
-// Threads split the channels. Returns the spike count.
-int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, const int64_t* geometry,
+// Threads split the channels.
+void spike_conv_weight_grad(const float* s, const float* go, float* gwt, const int64_t* geometry,
                                int threads) {
   const Geometry g(geometry);
   const int64_t HW = g.H * g.W, classes = g.sh * g.sw;
@@ -297,9 +290,8 @@ int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, cons
   const std::lock_guard<std::mutex> hold(w.lock);
   const int64_t* start = nullptr;
   const Entry* entries = nullptr;
-  const int64_t spikes = bucket_sort<Entry>(s, g.N * HW, g.C, groups * g.C * classes, classes, threads, pixel,
-                                            [](const Pixel& px, int64_t) { return px.entry; }, w, w.entries,
-                                            start, entries);
+  bucket_sort<Entry>(s, g.N * HW, g.C, groups * g.C * classes, classes, threads, pixel,
+                     [](const Pixel& px, int64_t) { return px.entry; }, w, w.entries, start, entries);
   std::fill(gwt, gwt + g.KH * g.KW * g.C * g.Co, 0.f);
   parallel_for(g.C, threads, [&](int64_t c0, int64_t c1) {
     for (int64_t grp = 0; grp < groups; ++grp)
@@ -322,7 +314,6 @@ int64_t spike_conv_weight_grad(const float* s, const float* go, float* gwt, cons
             });
           }
   });
-  return spikes;
 }
 
 }  // extern "C"

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .. import memory
+
 __all__ = ["MODES", "MAX_DENSITY", "MIN_CHANNELS", "Plan", "library", "available", "spike_count", "forward",
            "weight_grad", "plan_for", "conv2d"]
 
@@ -117,7 +119,7 @@ def library() -> ctypes.CDLL | None:
             os.replace(built, path)
     lib = ctypes.CDLL(str(path))
     for name in ("spike_conv_forward", "spike_conv_weight_grad"):
-        getattr(lib, name).restype = ctypes.c_int64
+        getattr(lib, name).restype = None
         getattr(lib, name).argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int]
     lib.spike_count.restype = ctypes.c_int64
     lib.spike_count.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
@@ -164,8 +166,7 @@ def _channels_last(t: Tensor) -> Tensor:
 
 def spike_count(spikes: Tensor) -> int:
     """The number of nonzero values of a float32 tensor (any shape and layout)."""
-    dense = spikes.is_contiguous() or (spikes.dim() == 4 and spikes.is_contiguous(memory_format=torch.channels_last))
-    flat = spikes if dense else spikes.contiguous()
+    flat = spikes if memory.memory_order(spikes) is not None else spikes.contiguous()
     return int(_lib().spike_count(flat.data_ptr(), flat.numel(), torch.get_num_threads()))
 
 
@@ -265,5 +266,7 @@ def conv2d(spikes: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, pad
     """``F.conv2d(spikes, weight, bias, stride, padding, dilation)`` (groups 1, zero padding)
     for a 0/1 input, the products ``plan`` names computed from the active inputs;
     differentiable in all three. ``[N, C, H, W]`` -> ``[N, C_out, OH, OW]`` (channels-last
-    when ``plan.forward``)."""
+    when ``plan.forward``). The spikes are laid out channels-last once, for both kernels
+    (a marked copy, still saved for backward as bits: ``memory.relayout``)."""
+    spikes = memory.relayout(spikes, torch.channels_last)
     return _SpikeConv.apply(spikes, weight, bias, stride, padding, dilation, plan)
