@@ -40,7 +40,6 @@ from spikegrad import monitor
 from spikegrad.config import Config, load_config, to_dict
 from spikegrad.data import create_dataset
 from spikegrad.models import create_model
-from spikegrad.neuron import BaseNeuron
 from spikegrad.train import RESUME_ALLOWED, Trainer, build_model, config_changes, dataset_info
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -50,19 +49,9 @@ OUT = "runs/firing-rates"
 
 def neuron_sizes(model: nn.Module, x: Tensor) -> dict[str, int]:
     """Neurons (elements per sample and time step) of each neuron layer, in forward order."""
-    sizes: dict[str, int] = {}
-
-    def hook(name: str, out: Tensor | tuple[Tensor, Tensor]) -> None:
-        spikes = out[0] if isinstance(out, tuple) else out  # [T, B, ...]
-        sizes.setdefault(name, spikes[0, 0].numel())
-
-    hooks = [m.register_forward_hook(lambda m, a, out, name=name: hook(name, out))
-             for name, m in model.named_modules() if isinstance(m, BaseNeuron)]
-    with torch.no_grad():
+    with monitor.FiringRates(model) as fr, torch.no_grad():
         model(x)
-    for hook in hooks:
-        hook.remove()
-    return sizes
+    return fr.neurons()
 
 
 def weighted(rates: dict[str, float], sizes: dict[str, int]) -> float:

@@ -78,9 +78,13 @@ def test_firing_rates_equal_manual_mean_over_batches_of_different_sizes():
         manual = torch.cat([s.flatten() for s in outs]).mean()
         assert rates[str(i)] == pytest.approx(float(manual), rel=1e-6)
         assert 0 < rates[str(i)] < 1
+    assert fr.neurons() == {"1": 4 * 8 * 8, "3": 6 * 4 * 4}
+    every_spike = torch.cat([s.flatten() for outs in spikes.values() for s in outs])
+    assert fr.overall() == pytest.approx(float(every_spike.mean()), rel=1e-6)  # layers weighted by size
+    assert fr.overall() != pytest.approx(sum(rates.values()) / 2, rel=1e-3)
     assert no_hooks(net)
     fr.reset()
-    assert fr.rates() == {}
+    assert fr.rates() == {} and fr.neurons() == {} and fr.overall() is None
 
 
 def test_firing_rates_keep_no_graph_alive_and_leave_outputs_unchanged():

@@ -1,6 +1,7 @@
 """What a finished run tells its user: report.md (epochs, test-set size, the energy
 estimate's constants) and `eval` (test-set size beside the run's; a .nir's own layer
 names), on one tiny run through the CLI."""
+import json
 import math
 
 import pytest
@@ -30,6 +31,9 @@ def test_report_says_epoch_test_set_and_energy_constants(run_dir):
     assert "Test accuracy on the first 100 fashion-mnist test images (data.limit_test)" in text
     assert "0.9 pJ per accumulate (AC) and 4.6 pJ per multiply-accumulate (MAC)" in text
     assert "45 nm" in text
+    epoch = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if m["kind"] == "epoch"][-1]
+    assert f"- all neurons: {epoch['firing_rate']:.4f} (every spike over every neuron output" in text
 
 
 def test_report_of_several_epochs_and_a_known_test_size(tmp_path):

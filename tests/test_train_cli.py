@@ -45,6 +45,7 @@ def test_metrics_follow_the_schema_and_beat_chance(run_dir):
         for key in ("epoch", "step", "time", "train_loss", "train_acc", "test_acc", "lr", "lambda"):
             assert key in m, key
         assert any(k.startswith("grad_norm/") for k in m) and any(k.startswith("firing_rate/") for k in m)
+        assert 0 < m["firing_rate"] < 1  # every layer's spikes over every layer's outputs
     assert [m["lambda"] for m in epochs] == [1.0, 0.0]  # evolutionary: branches first, main last
     assert epochs[-1]["test_acc"] > 20.0  # chance is 10%
 

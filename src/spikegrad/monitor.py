@@ -93,13 +93,16 @@ class FiringRates(_Hooks):
 
     Hooks every ``BaseNeuron`` of ``model``; each forward adds the sum of its spikes
     ``[T, B, ...]`` (detached, kept on the device: no sync per batch) and their count.
-    ``rates()`` divides the two, so batches weigh by their size.
+    ``rates()`` divides the two, so batches weigh by their size; ``overall()`` divides
+    all spikes by all outputs, so layers weigh by their number of neurons (the spike
+    density the next layers' synaptic operations scale with).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self._sums: dict[str, Tensor] = {}
         self._counts: dict[str, int] = {}
+        self._neurons: dict[str, int] = {}
         for name, module in model.named_modules():
             if isinstance(module, BaseNeuron):
                 self._handles.append(module.register_forward_hook(self._hook(name)))
@@ -110,6 +113,7 @@ class FiringRates(_Hooks):
             total = spikes.sum(dtype=torch.float32)
             self._sums[name] = self._sums[name] + total if name in self._sums else total
             self._counts[name] = self._counts.get(name, 0) + spikes.numel()
+            self._neurons[name] = spikes[0, 0].numel()
         return hook
 
     def rates(self) -> dict[str, float]:
@@ -119,10 +123,23 @@ class FiringRates(_Hooks):
         sums = torch.stack([s.cpu() for s in self._sums.values()]).tolist()
         return {name: s / self._counts[name] for name, s in zip(self._sums, sums)}
 
+    def overall(self) -> float | None:
+        """All spikes over all neuron outputs since the last reset (layers weighted by their
+        size); None when no neuron layer ran."""
+        if not self._sums:
+            return None
+        return float(torch.stack([s.cpu() for s in self._sums.values()]).sum()) / sum(self._counts.values())
+
+    def neurons(self) -> dict[str, int]:
+        """``{neuron layer name: neurons}``: elements of one sample's spikes at one time step,
+        as the layer's last forward gave them."""
+        return dict(self._neurons)
+
     def reset(self) -> None:
         """Forget everything gathered so far (the hooks stay)."""
         self._sums.clear()
         self._counts.clear()
+        self._neurons.clear()
 
 
 def _is_binary(x: Tensor) -> bool:
