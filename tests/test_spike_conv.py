@@ -53,6 +53,22 @@ def test_products_match_the_dense_convolution_in_float64(geometry):
                                ref_grad.float(), **TOL)
 
 
+def test_weights_in_any_layout_give_the_same_results_and_gradients_keep_the_weights_layout():
+    spikes, weight, _ = _case(2, 37, 7, 21, 3)  # channel counts off the kernels' 16-channel tiles
+    grad = torch.randn(2, 21, 7, 7, generator=torch.Generator().manual_seed(4))
+    out = spike_conv.forward(spikes, weight, 1, 1)
+    wide = torch.zeros(21, 74, 3, 3)
+    wide[:, ::2] = weight
+    for layout in (weight.contiguous(memory_format=torch.channels_last), wide[:, ::2],
+                   weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)):  # output channels innermost
+        assert torch.equal(spike_conv.forward(spikes, layout, 1, 1), out)
+    dense = spike_conv.weight_grad(spikes, grad, weight.shape, 1, 1)
+    assert dense.is_contiguous()
+    like = weight.contiguous(memory_format=torch.channels_last)
+    kept = spike_conv.weight_grad(spikes, grad, weight.shape, 1, 1, like=like)
+    assert kept.stride() == like.stride() and torch.equal(kept, dense)
+
+
 @pytest.mark.parametrize("plan", [spike_conv.Plan(True, True), spike_conv.Plan(True, False),
                                   spike_conv.Plan(False, True)])
 def test_every_gradient_of_the_autograd_function_matches_autograd_on_the_dense_conv(plan):

@@ -143,13 +143,14 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
-def _geometry(spikes: Tensor, weight_shape: Sequence[int], out_hw: Sequence[int], stride: Any,
-              padding: Any, dilation: Any) -> Tensor:
-    """The kernels' ``int64[15]``: N, H, W, C, Co, OH, OW, KH, KW, stride, padding, dilation."""
+def _geometry(spikes: Tensor, weight: Tensor, out_hw: Sequence[int], stride: Any, padding: Any,
+              dilation: Any) -> Tensor:
+    """The kernels' ``int64[19]``: N, H, W, C, Co, OH, OW, KH, KW, stride, padding,
+    dilation, and the strides of ``weight`` (the weight or its gradient, ``[Co, C, KH, KW]``)."""
     N, C, H, W = spikes.shape
-    Co, _, KH, KW = weight_shape
-    return torch.tensor([N, H, W, C, Co, *out_hw, KH, KW, *_pair(stride), *_pair(padding), *_pair(dilation)],
-                        dtype=torch.int64)
+    Co, _, KH, KW = weight.shape
+    return torch.tensor([N, H, W, C, Co, *out_hw, KH, KW, *_pair(stride), *_pair(padding), *_pair(dilation),
+                         *weight.stride()], dtype=torch.int64)
 
 
 def _output_hw(spikes: Tensor, weight_shape: Sequence[int], stride: Any, padding: Any,
@@ -173,29 +174,29 @@ def spike_count(spikes: Tensor) -> int:
 def forward(spikes: Tensor, weight: Tensor, stride: Any = 1, padding: Any = 0, dilation: Any = 1) -> Tensor:
     """``F.conv2d(spikes, weight, None, stride, padding, dilation)`` by summing weight rows
     at the active inputs. ``spikes: [N, C, H, W]`` float32 of 0/1 (any value other than 0
-    counts as 1), ``weight: [C_out, C, KH, KW]`` -> ``[N, C_out, OH, OW]``, channels-last."""
+    counts as 1), ``weight: [C_out, C, KH, KW]`` (any strides) -> ``[N, C_out, OH, OW]``,
+    channels-last."""
     spikes = _channels_last(spikes)
     out_hw = _output_hw(spikes, weight.shape, stride, padding, dilation)
-    geometry = _geometry(spikes, weight.shape, out_hw, stride, padding, dilation)
-    rows = weight.detach().permute(2, 3, 1, 0).contiguous()  # [KH, KW, C, C_out]
+    geometry = _geometry(spikes, weight, out_hw, stride, padding, dilation)
     out = torch.empty((spikes.shape[0], weight.shape[0], *out_hw), memory_format=torch.channels_last)
-    _lib().spike_conv_forward(spikes.data_ptr(), rows.data_ptr(), out.data_ptr(), geometry.data_ptr(),
+    _lib().spike_conv_forward(spikes.data_ptr(), weight.detach().data_ptr(), out.data_ptr(), geometry.data_ptr(),
                               torch.get_num_threads())
     return out
 
 
 def weight_grad(spikes: Tensor, grad_out: Tensor, weight_shape: Sequence[int], stride: Any = 1,
-                padding: Any = 0, dilation: Any = 1) -> Tensor:
+                padding: Any = 0, dilation: Any = 1, like: Tensor | None = None) -> Tensor:
     """The weight gradient of ``conv2d(spikes, weight)`` for the output gradient ``grad_out``,
     by summing output-gradient rows at the active inputs. ``spikes: [N, C, H, W]`` 0/1,
-    ``grad_out: [N, C_out, OH, OW]``, both float32 -> ``[C_out, C, KH, KW]``."""
+    ``grad_out: [N, C_out, OH, OW]``, both float32 -> ``[C_out, C, KH, KW]``, laid out as
+    ``like`` (the weight: what its gradient accumulates into without a copy) or contiguous."""
     spikes, grad_out = _channels_last(spikes), _channels_last(grad_out)
-    geometry = _geometry(spikes, weight_shape, grad_out.shape[-2:], stride, padding, dilation)
-    Co, C, KH, KW = weight_shape
-    rows = torch.empty((KH, KW, C, Co))
-    _lib().spike_conv_weight_grad(spikes.data_ptr(), grad_out.data_ptr(), rows.data_ptr(), geometry.data_ptr(),
+    out = torch.empty(tuple(weight_shape)) if like is None else torch.empty_like(like)
+    geometry = _geometry(spikes, out, grad_out.shape[-2:], stride, padding, dilation)
+    _lib().spike_conv_weight_grad(spikes.data_ptr(), grad_out.data_ptr(), out.data_ptr(), geometry.data_ptr(),
                                   torch.get_num_threads())
-    return rows.permute(3, 2, 0, 1).contiguous()
+    return out
 
 
 def _fits(spikes: Tensor) -> bool:
@@ -256,7 +257,7 @@ class _SpikeConv(torch.autograd.Function):
                 grad, spikes, weight, None, list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)),
                 False, [0, 0], 1, mask)
         if sparse_weight:
-            grad_weight = weight_grad(spikes, grad, weight.shape, stride, padding, dilation)
+            grad_weight = weight_grad(spikes, grad, weight.shape, stride, padding, dilation, like=weight)
         grad_bias = grad.sum((0, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
         return grad_spikes, grad_weight, grad_bias, None, None, None, None
 
