@@ -143,9 +143,8 @@ Workspace& workspace() {
 // strided weight [Co, C, KH, KW]. A transpose in tiles of 16 output channels by 16 of
 // the weight's (c, kh, kw) taken in its own memory order (kw fastest when contiguous, c
 // when channels-last): a tile reads 16 whole cache lines of the weight and writes 16
-// whole lines of rows. (A permuted copy element by element, as torch's permute +
-// contiguous does, misses on nearly every element of wide layers: 24-30 ms against 4-7
-// for a 512x512x3x3 weight here.) Threads split the tiles.
+// whole lines of rows (torch's permute + contiguous of a contiguous 512x512x3x3 weight
+// took 24-30 ms on a 2-core AMD EPYC host, this 4-10 ms). Threads split the tiles.
 template <typename F>
 void for_weight_elements(const Geometry& g, int threads, const F& f) {
   constexpr int64_t B = 16;
