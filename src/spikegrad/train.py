@@ -559,8 +559,9 @@ class Trainer:
         with monitor.FiringRates(inference) as rates:
             result = evaluate(inference, self.test_loader(), self.objective, self.device)
             record.update({f"firing_rate/{k}": v for k, v in rates.rates().items()})
-            if rates.overall() is not None:
-                record["firing_rate"] = rates.overall()
+            overall = rates.overall()
+            if overall is not None:
+                record["firing_rate"] = overall
         record["test_acc"], record["test_loss"] = result["acc"], result["loss"]
         self._log({"kind": "epoch", **record})
         self.history.append(record)
