@@ -8,7 +8,8 @@ gradient) and the two that ``kernels.spike_conv`` computes from the active input
 density. Reports per shape the times and speed-ups, per density the totals over the
 whole network (each shape times the number of its convolutions) and the bound "if the
 two spike-side products cost density x dense", and each layer's density in the model at
-initialisation. The speed-ups set ``spike_conv.MAX_DENSITY``. Method: docs/performance.md.
+initialisation. The speed-ups set ``spike_conv.MAX_DENSITY``: the report ends with the
+limits this run supports for the CPU kind it ran on. Method: docs/performance.md.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from spikegrad.models import create_model
 
 from harness import _cpu_name, time_runs  # beside this file; it imports this module only inside functions
 
-__all__ = ["ConvShape", "spike_conv_shapes", "products", "main"]
+__all__ = ["ConvShape", "spike_conv_shapes", "products", "supported_limits", "main"]
 
 
 class ConvShape(NamedTuple):
@@ -111,6 +112,22 @@ def measure(shapes: list[ConvShape], densities: list[float], rows: int, repeats:
     return {key: statistics.median(values) for key, values in times.items()}
 
 
+def supported_limits(shapes: list[ConvShape], densities: list[float], t: dict[tuple, float]) -> dict[str, float]:
+    """Per product (``forward``, ``weight``), the largest measured density up to which the
+    spike path was at least as fast as dense for every shape the rule can send there
+    (kernels larger than 1x1, both channel counts >= ``spike_conv.MIN_CHANNELS``), 0 when
+    none: what ``spike_conv.MAX_DENSITY`` for this CPU kind may be set to."""
+    eligible = [s for s in shapes if s.kernel > 1 and min(s.c_in, s.c_out) >= spike_conv.MIN_CHANNELS]
+    limits = {}
+    for product in ("forward", "weight"):
+        limits[product] = 0.0
+        for d in sorted(densities):
+            if not all(t[(s, d, f"spike {product}")] <= t[(s, d, product)] for s in eligible):
+                break
+            limits[product] = d
+    return limits
+
+
 def report(counts: Counter, init: dict[ConvShape, float], densities: list[float], t: dict[tuple, float],
            header: str) -> str:
     """The markdown tables: per shape and density, then the network's totals and bound."""
@@ -133,6 +150,12 @@ def report(counts: Counter, init: dict[ConvShape, float], densities: list[float]
         best = total(lambda s: min(t[(s, d, "forward")], t[(s, d, "spike forward")]) + t[(s, d, "input")]
                      + min(t[(s, d, "weight")], t[(s, d, "spike weight")]))
         lines.append(f"| {d:g} | {dense:.0f} | {bound:.0f} | {best:.0f} | {dense / best:.2f} |")
+    limits = supported_limits(list(counts), densities, t)
+    lines += ["", f"Limits this run supports (`spike_conv.MAX_DENSITY[{layers.cpu_kind()!r}]`, now "
+              f"{spike_conv.MAX_DENSITY.get(layers.cpu_kind(), spike_conv.MAX_DENSITY['other'])}): "
+              f"forward {limits['forward']:g}, weight {limits['weight']:g} (the largest density measured up to "
+              f"which every convolution with a kernel over 1x1 and at least {spike_conv.MIN_CHANNELS} channels "
+              f"each side was at least as fast on the spike path)."]
     return "\n".join(lines) + "\n"
 
 

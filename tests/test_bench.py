@@ -317,3 +317,23 @@ def test_spike_table_reports_every_spike_convolution_at_every_density(tmp_path, 
         assert cells[1] == f"{row['density']:g}"
         assert cells[4] == f"{row['forward'] / row['spike forward']:.2f}"
         assert cells[5] == f"{row['weight'] / row['spike weight']:.2f}"
+
+
+def test_supported_limits_are_the_largest_density_up_to_which_every_eligible_conv_wins():
+    import spike_bench  # benchmarks/spike_bench.py
+
+    wide = spike_bench.ConvShape(64, 64, 8, 3, 1, 1)
+    pointwise = spike_bench.ConvShape(64, 128, 8, 1, 2, 0)  # 1x1: the rule keeps it dense
+    narrow = spike_bench.ConvShape(16, 64, 8, 3, 1, 1)  # under MIN_CHANNELS: dense too
+    densities = [0.1, 0.2, 0.3]
+    spike = {"forward": {0.1: 1, 0.2: 2, 0.3: 4}, "weight": {0.1: 1, 0.2: 4, 0.3: 2}}  # dense takes 3
+    times = {}
+    for shape in (wide, pointwise, narrow):
+        for d in densities:
+            for product in ("forward", "weight"):
+                times[(shape, d, product)] = 3.0
+                times[(shape, d, f"spike {product}")] = spike[product][d] if shape == wide else 9.0
+    limits = spike_bench.supported_limits([wide, pointwise, narrow], densities, times)
+    assert limits == {"forward": 0.2, "weight": 0.1}  # the weight gradient's win at 0.3 comes after a loss
+    times[(wide, 0.1, "spike forward")] = 5.0
+    assert spike_bench.supported_limits([wide, pointwise, narrow], densities, times)["forward"] == 0.0
