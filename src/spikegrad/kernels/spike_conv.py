@@ -117,6 +117,11 @@ def library() -> ctypes.CDLL | None:
             if not _compile(compiler, built):
                 return None
             os.replace(built, path)
+    return _load(path)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """The built kernels at ``path``, their C signatures declared."""
     lib = ctypes.CDLL(str(path))
     for name in ("spike_conv_forward", "spike_conv_weight_grad"):
         getattr(lib, name).restype = None
