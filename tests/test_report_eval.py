@@ -68,9 +68,11 @@ def test_eval_of_a_nir_file_names_the_models_layers(run_dir, tmp_path, capsys):
     assert "dt=0.0001" in captured.out and captured.err == ""             # the default: no warning
     main(["eval", str(path), "--limit", "50"])
     out = capsys.readouterr().out
-    rates = [line.split()[2].rstrip(":") for line in out.splitlines() if line.startswith("  firing rate")]
-    assert rates == ["stage1.sn1", "stage1.sn2", "stage1.sn3", "stage2.sn1", "stage2.sn2", "stage2.sn3",
-                     "stage3.sn1", "stage3.sn2"]
+    layers = [line.split() for line in out.splitlines() if line.startswith("  firing rate ")]
+    assert [words[2].rstrip(":") for words in layers] == ["stage1.sn1", "stage1.sn2", "stage1.sn3", "stage2.sn1",
+                                                           "stage2.sn2", "stage2.sn3", "stage3.sn1", "stage3.sn2"]
+    (overall,) = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("  firing rate, all")]
+    assert min(float(w[3]) for w in layers) <= overall <= max(float(w[3]) for w in layers)
 
 
 def test_export_with_another_dt_warns_in_one_line(run_dir, tmp_path, capsys):

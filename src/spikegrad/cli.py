@@ -146,6 +146,9 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     layer_name = getattr(model, "layer_name", str)  # a .nir: the exported model's own layer names
     for layer, rate in rates.rates().items():
         print(f"  firing rate {layer_name(layer)}: {rate:.4f}")
+    overall = rates.overall()
+    if overall is not None:
+        print(f"  firing rate, all neurons: {overall:.4f}")
     print(f"synaptic operations per sample: {summary['sops']:.4g} SOPs + {summary['macs']:.4g} MACs "
           f"(ANN twin: {summary['ann_macs']:.4g} MACs)")
 
