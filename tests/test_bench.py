@@ -326,7 +326,7 @@ def test_supported_limits_are_the_largest_density_up_to_which_every_eligible_con
     pointwise = spike_bench.ConvShape(64, 128, 8, 1, 2, 0)  # 1x1: the rule keeps it dense
     narrow = spike_bench.ConvShape(16, 64, 8, 3, 1, 1)  # under MIN_CHANNELS: dense too
     densities = [0.1, 0.2, 0.3]
-    spike = {"forward": {0.1: 1, 0.2: 2, 0.3: 4}, "weight": {0.1: 1, 0.2: 4, 0.3: 2}}  # dense takes 3
+    spike = {"forward": {0.1: 1, 0.2: 2.7, 0.3: 2.8}, "weight": {0.1: 1, 0.2: 4, 0.3: 2}}  # dense takes 3
     times = {}
     for shape in (wide, pointwise, narrow):
         for d in densities:
@@ -334,6 +334,9 @@ def test_supported_limits_are_the_largest_density_up_to_which_every_eligible_con
                 times[(shape, d, product)] = 3.0
                 times[(shape, d, f"spike {product}")] = spike[product][d] if shape == wide else 9.0
     limits = spike_bench.supported_limits([wide, pointwise, narrow], densities, times)
-    assert limits == {"forward": 0.2, "weight": 0.1}  # the weight gradient's win at 0.3 comes after a loss
+    assert limits == {"forward": 0.2, "weight": 0.1}  # 3 / 2.8 is under the margin; the weight's
+    # win at 0.3 comes after a loss
+    assert spike_bench.supported_limits([wide, pointwise, narrow], densities, times, margin=1.0)["forward"] == 0.3
     times[(wide, 0.1, "spike forward")] = 5.0
     assert spike_bench.supported_limits([wide, pointwise, narrow], densities, times)["forward"] == 0.0
+    assert spike_bench.supported_limits([pointwise, narrow], densities, times) == {"forward": 0.0, "weight": 0.0}

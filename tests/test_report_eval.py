@@ -33,7 +33,7 @@ def test_report_says_epoch_test_set_and_energy_constants(run_dir):
     assert "45 nm" in text
     epoch = [m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
              if m["kind"] == "epoch"][-1]
-    assert f"- all neurons: {epoch['firing_rate']:.4f} (every spike over every neuron output" in text
+    assert f"- all neurons: {epoch['firing_rate']:.4f} (every spike over every neuron output:" in text
 
 
 def test_report_of_several_epochs_and_a_known_test_size(tmp_path):

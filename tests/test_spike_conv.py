@@ -26,16 +26,18 @@ pytestmark = pytest.mark.skipif(not spike_conv.available(), reason="no C++ compi
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 # (N, C_in, side, C_out, kernel, stride, padding, dilation): odd sizes, every channel
-# block (64, the 8-multiples, the scalar tail), strides, dilation, kernels 1 to 5
+# block (64, the 8-multiples, the scalar tail), strides, dilation, kernels 1 to 5 and
+# two that are not square
 GEOMETRIES = [(3, 5, 9, 11, 3, 1, 1, 1), (2, 8, 7, 70, 3, 2, 1, 1), (2, 16, 8, 16, 1, 2, 0, 1),
               (2, 3, 10, 9, 5, 1, 2, 2), (2, 40, 6, 130, 3, 1, 0, 1), (1, 7, 12, 3, 3, 3, 1, 1),
-              (2, 33, 5, 64, 2, 2, 1, 1)]
+              (2, 33, 5, 64, 2, 2, 1, 1), (2, 10, 7, 12, (2, 3), 1, (0, 1), 1), (1, 9, 8, 20, (3, 1), 2, 1, 1)]
 
 
 def _case(N, C, side, Co, k, density=0.3, seed=0):
+    kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(seed)
     spikes = (torch.rand(N, C, side, side, generator=gen) < density).float()
-    weight = torch.randn(Co, C, k, k, generator=gen) / (C * k * k) ** 0.5
+    weight = torch.randn(Co, C, kh, kw, generator=gen) / (C * kh * kw) ** 0.5
     bias = torch.randn(Co, generator=gen)
     return spikes, weight, bias
 
@@ -79,15 +81,20 @@ def test_weights_in_any_layout_give_the_same_results_and_gradients_keep_the_weig
     grad = torch.randn(2, 21, 7, 7, generator=torch.Generator().manual_seed(4))
     out = spike_conv.forward(spikes, weight, 1, 1)
     wide = torch.zeros(21, 74, 3, 3)
-    wide[:, ::2] = weight
-    for layout in (weight.contiguous(memory_format=torch.channels_last), wide[:, ::2],
-                   weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)):  # output channels innermost
-        assert torch.equal(spike_conv.forward(spikes, layout, 1, 1), out)
+    wide[:, 1::2] = weight
+    innermost = weight.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)  # output channels innermost
+    for layout in (weight.contiguous(memory_format=torch.channels_last), wide[:, 1::2], innermost):
+        assert torch.equal(spike_conv.forward(spikes, layout, 1, 1), out)  # wide[:, 1::2]: a storage offset
     dense = spike_conv.weight_grad(spikes, grad, weight.shape, 1, 1)
     assert dense.is_contiguous()
-    like = weight.contiguous(memory_format=torch.channels_last)
-    kept = spike_conv.weight_grad(spikes, grad, weight.shape, 1, 1, like=like)
-    assert kept.stride() == like.stride() and torch.equal(kept, dense)
+    for like in (weight.contiguous(memory_format=torch.channels_last), innermost, wide[:, 1::2]):
+        kept = spike_conv.weight_grad(spikes, grad, weight.shape, 1, 1, like=like)
+        assert torch.equal(kept, dense)
+        assert kept.stride() == (like.stride() if like.is_contiguous(memory_format=torch.channels_last)
+                                 or like is innermost else dense.stride())  # not dense: contiguous
+    param = torch.nn.Parameter(weight.contiguous(memory_format=torch.channels_last))
+    spike_conv.conv2d(spikes, param, None, 1, 1, 1, spike_conv.Plan(False, True)).backward(grad)
+    assert param.grad.stride() == param.stride() and torch.equal(param.grad, dense)
 
 
 @pytest.mark.parametrize("plan", [spike_conv.Plan(True, True), spike_conv.Plan(True, False),
@@ -300,7 +307,7 @@ for threads in (1, 2):
     for N, C, side, Co, k, stride, padding, dilation in {GEOMETRIES!r}:
         for density in (0.0, 0.3, 1.0):
             s = (torch.rand(N, C, side, side) < density).float()
-            w = torch.randn(Co, C, k, k)
+            w = torch.randn(Co, C, *((k, k) if isinstance(k, int) else k))
             out = spike_conv.forward(s, w, stride, padding, dilation)
             spike_conv.weight_grad(s, torch.randn_like(out), w.shape, stride, padding, dilation)
             [torch.empty(997 * i) for i in range(1, 20)]

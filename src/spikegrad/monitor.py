@@ -94,8 +94,7 @@ class FiringRates(_Hooks):
     Hooks every ``BaseNeuron`` of ``model``; each forward adds the sum of its spikes
     ``[T, B, ...]`` (detached, kept on the device: no sync per batch) and their count.
     ``rates()`` divides the two, so batches weigh by their size; ``overall()`` divides
-    all spikes by all outputs, so layers weigh by their number of neurons (the spike
-    density the next layers' synaptic operations scale with).
+    all spikes by all outputs: the mean over layers weighted by their number of neurons.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -113,7 +112,7 @@ class FiringRates(_Hooks):
             total = spikes.sum(dtype=torch.float32)
             self._sums[name] = self._sums[name] + total if name in self._sums else total
             self._counts[name] = self._counts.get(name, 0) + spikes.numel()
-            self._neurons[name] = spikes[0, 0].numel()
+            self._neurons[name] = math.prod(spikes.shape[2:])
         return hook
 
     def rates(self) -> dict[str, float]:

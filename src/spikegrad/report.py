@@ -27,8 +27,8 @@ def _firing_summary(last: dict) -> list[str]:
     if not rates:
         return []
     mean = sum(rates.values()) / len(rates)
-    overall = ([f"- all neurons: {last['firing_rate']:.4f} (every spike over every neuron output: "
-                f"the density the synaptic layers see)"] if "firing_rate" in last else [])
+    overall = ([f"- all neurons: {last['firing_rate']:.4f} (every spike over every neuron output: the "
+                f"mean over layers weighted by their size)"] if "firing_rate" in last else [])
     return ["## Firing rates (test set, spikes per neuron per step)", "", *overall,
             f"- mean over {len(rates)} layers: {mean:.4f}; "
             f"min {min(rates.values()):.4f}, max {max(rates.values()):.4f}", ""]

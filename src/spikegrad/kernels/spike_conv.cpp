@@ -116,7 +116,8 @@ T* scratch(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
-// The same, as floats aligned to a cache line: a row of 64 floats then spans 4 lines, not 5.
+// The same, as floats aligned to a cache line: 64 floats starting at a multiple of 16 then
+// span 4 lines, not 5.
 float* aligned_scratch(std::vector<float>& v, size_t n) {
   const auto at = reinterpret_cast<uintptr_t>(scratch(v, n + 16));
   return reinterpret_cast<float*>((at + 63) & ~uintptr_t(63));

@@ -47,7 +47,7 @@ MODES = ("auto", "on", "off")  # layers.Conv2d.spike_conv: the rule, always (spi
 # output channels; narrower or 1x1 convolutions are cheap for oneDNN and stay dense.
 # Measured with `spikegrad bench spikes` on ResNet-18's convolutions (docs/performance.md,
 # "Spike-aware convolutions"); AVX-512 hosts are not measured yet, so they stay dense.
-MAX_DENSITY = {"avx2": {"forward": 0.25, "weight": 0.3}, "avx512": {"forward": 0.0, "weight": 0.0},
+MAX_DENSITY = {"avx2": {"forward": 0.25, "weight": 0.25}, "avx512": {"forward": 0.0, "weight": 0.0},
                "other": {"forward": 0.0, "weight": 0.0}}
 MIN_CHANNELS = 32
 
