@@ -205,57 +205,6 @@ inline int64_t active_channels(const float* row, int64_t C, uint16_t* list) {
   return out - list;
 }
 
-// Counting sort of the active inputs into buckets, keeping input order within a bucket.
-// pixel(p) gives, once per pixel, {base, item}: the active input (p, c) goes to bucket
-// base + c * step, and the list stores item(pixel(p), c). start gets nbuckets + 1
-// offsets; threads split the pixels.
-// start[b] .. start[b+1] is bucket b's range of items.
-template <typename T, typename Pixel, typename Item>
-void bucket_sort(const float* s, int64_t P, int64_t C, int64_t nbuckets, int64_t step, int threads,
-                    const Pixel& pixel, const Item& item, Workspace& w, std::vector<T>& storage,
-                    const int64_t*& start, const T*& items) {
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
-  const int64_t size = (P + chunks - 1) / chunks;
-  int64_t* counts = scratch(w.counts, chunks * nbuckets);
-  std::fill(counts, counts + chunks * nbuckets, 0);
-  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
-    std::vector<uint16_t> active(C);
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t* count = counts + t * nbuckets;
-      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
-        int64_t* at = count + pixel(p).base;
-        const int64_t n = active_channels(s + p * C, C, active.data());
-        for (int64_t i = 0; i < n; ++i) ++at[active[i] * step];
-      }
-    }
-  });
-  int64_t* offsets = scratch(w.start, nbuckets + 1);
-  int64_t total = 0;
-  for (int64_t b = 0; b < nbuckets; ++b) {
-    offsets[b] = total;
-    for (int64_t t = 0; t < chunks; ++t) {
-      const int64_t n = counts[t * nbuckets + b];
-      counts[t * nbuckets + b] = total;  // from here on: where chunk t writes bucket b
-      total += n;
-    }
-  }
-  offsets[nbuckets] = total;
-  T* out = scratch(storage, total);
-  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
-    std::vector<uint16_t> active(C);
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t* next = counts + t * nbuckets;
-      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
-        const auto info = pixel(p);
-        const int64_t n = active_channels(s + p * C, C, active.data());
-        for (int64_t i = 0; i < n; ++i) out[next[info.base + active[i] * step]++] = item(info, active[i]);
-      }
-    }
-  });
-  start = offsets;
-  items = out;
-}
-
 // Each pixel's active channels (ascending), built in one pass: threads split the pixels,
 // each writing its pixels' lists into its own part of the workspace.
 struct ChannelLists {
@@ -283,6 +232,55 @@ struct ChannelLists {
     count = counts;
   }
 };
+
+// Counting sort of the active inputs (the P pixels' lists) into buckets, keeping input
+// order within a bucket. pixel(p) gives, once per pixel, {base, item}: the active input
+// (p, c) goes to bucket base + c * step, and the list stores item(pixel(p), c). start
+// gets nbuckets + 1 offsets; threads split the pixels.
+// start[b] .. start[b+1] is bucket b's range of items.
+template <typename T, typename Pixel, typename Item>
+void bucket_sort(const ChannelLists& lists, int64_t P, int64_t nbuckets, int64_t step, int threads,
+                    const Pixel& pixel, const Item& item, Workspace& w, std::vector<T>& storage,
+                    const int64_t*& start, const T*& items) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, P));
+  const int64_t size = (P + chunks - 1) / chunks;
+  int64_t* counts = scratch(w.counts, chunks * nbuckets);
+  std::fill(counts, counts + chunks * nbuckets, 0);
+  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* count = counts + t * nbuckets;
+      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
+        int64_t* at = count + pixel(p).base;
+        for (int32_t i = 0; i < lists.count[p]; ++i) ++at[lists.begin[p][i] * step];
+      }
+    }
+  });
+  int64_t* offsets = scratch(w.start, nbuckets + 1);
+  int64_t total = 0;
+  for (int64_t b = 0; b < nbuckets; ++b) {
+    offsets[b] = total;
+    for (int64_t t = 0; t < chunks; ++t) {
+      const int64_t n = counts[t * nbuckets + b];
+      counts[t * nbuckets + b] = total;  // from here on: where chunk t writes bucket b
+      total += n;
+    }
+  }
+  offsets[nbuckets] = total;
+  T* out = scratch(storage, total);
+  parallel_for(chunks, threads, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t* next = counts + t * nbuckets;
+      for (int64_t p = t * size; p < std::min(P, (t + 1) * size); ++p) {
+        const auto info = pixel(p);
+        const uint16_t* channel = lists.begin[p];
+        for (int32_t i = 0; i < lists.count[p]; ++i)
+          out[next[info.base + channel[i] * step]++] = item(info, channel[i]);
+      }
+    }
+  });
+  start = offsets;
+  items = out;
+}
 
 }  // namespace
 
@@ -368,7 +366,8 @@ void spike_conv_weight_grad(const float* s, const float* go, float* gwt, const i
   const std::lock_guard<std::mutex> hold(w.lock);
   const int64_t* start = nullptr;
   const Entry* entries = nullptr;
-  bucket_sort<Entry>(s, g.N * HW, g.C, groups * g.C * classes, classes, threads, pixel,
+  const ChannelLists lists(s, g.N * HW, g.C, threads, w);
+  bucket_sort<Entry>(lists, g.N * HW, groups * g.C * classes, classes, threads, pixel,
                      [](const Pixel& px, int64_t) { return px.entry; }, w, w.entries, start, entries);
   float* rows = aligned_scratch(w.rows, g.KH * g.KW * g.C * g.Co);
   std::fill(rows, rows + g.KH * g.KW * g.C * g.Co, 0.f);
