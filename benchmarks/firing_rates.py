@@ -110,7 +110,7 @@ def bench_rates(threshold: float, seed: int) -> dict[str, Any]:
             net(x)
         columns[f"{mode} mode"] = fr.rates()
     return {"label": f"bench ResNet-18, width 1, T=4, at init, LIF v_threshold {threshold:g}",
-            "sizes": neuron_sizes(net.eval(), x[:1]), "columns": columns}
+            "sizes": fr.neurons(), "columns": columns}
 
 
 def section(r: dict[str, Any]) -> list[str]:

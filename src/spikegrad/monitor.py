@@ -117,17 +117,16 @@ class FiringRates(_Hooks):
 
     def rates(self) -> dict[str, float]:
         """``{neuron layer name: mean firing rate}`` of the layers that ran since the last reset."""
-        if not self._sums:
-            return {}
-        sums = torch.stack([s.cpu() for s in self._sums.values()]).tolist()
-        return {name: s / self._counts[name] for name, s in zip(self._sums, sums)}
+        return {name: s / self._counts[name] for name, s in zip(self._sums, self._spikes())}
 
     def overall(self) -> float | None:
         """All spikes over all neuron outputs since the last reset (layers weighted by their
         size); None when no neuron layer ran."""
-        if not self._sums:
-            return None
-        return float(torch.stack([s.cpu() for s in self._sums.values()]).sum()) / sum(self._counts.values())
+        return sum(self._spikes()) / sum(self._counts.values()) if self._sums else None
+
+    def _spikes(self) -> list[float]:
+        """Each layer's spike total, in ``_sums`` order (one device sync for all layers)."""
+        return torch.stack([s.cpu() for s in self._sums.values()]).tolist() if self._sums else []
 
     def neurons(self) -> dict[str, int]:
         """``{neuron layer name: neurons}``: elements of one sample's spikes at one time step,
