@@ -218,3 +218,20 @@ def test_bit_packing_covers_every_byte_pattern():
     bits = memory.pack_bits(spikes)
     assert torch.equal(bits, patterns.to(torch.uint8))
     assert torch.equal(memory.unpack_bits(bits, spikes.numel(), torch.float64), spikes.reshape(-1).double())
+
+
+def test_relayout_gives_a_one_channel_image_channels_last_strides_so_the_conv_output_follows():
+    """A [N, 1, H, W] image reads as contiguous and channels-last at once; oneDNN then writes
+    the first convolution's output contiguous, and every later layer pays a copy. relayout
+    re-strides the channel (a view, no copy) so the output comes out channels-last."""
+    from spikegrad.layers import Conv2d
+    image = torch.rand(4, 1, 12, 12)
+    viewed = memory.relayout(image, torch.channels_last)
+    assert viewed.stride() == (144, 1, 12, 1) and viewed.data_ptr() == image.data_ptr()
+    assert torch.equal(viewed, image)
+    conv = Conv2d(1, 8, 3, padding=1, bias=False)
+    conv.channels_last = True
+    out = conv(image)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.allclose(out, nn.functional.conv2d(image, conv.weight, padding=1), atol=1e-6)
+    assert memory.relayout(image, torch.contiguous_format) is image  # the other way: untouched

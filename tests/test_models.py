@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from spikegrad import surrogate as sg
-from spikegrad.layers import (ClampReLU, DirectEncoder, PoissonEncoder, SeqToANN, flatten_time,
+from spikegrad.layers import (ClampReLU, DirectEncoder, Head, PoissonEncoder, SeqToANN, flatten_time,
                               make_neuron, neuron_config, neuron_layers, unflatten_time)
 from spikegrad.models import create_model, list_models
 from spikegrad.models.plain import split_depth
@@ -278,3 +278,18 @@ def test_clamp_relu_is_elementwise_on_sequences():
     x = torch.randn(T, B, 3, 4, 4) * 3
     assert torch.equal(ClampReLU(1.5)(x), x.clamp(0, 1.5))
     assert torch.equal(ClampReLU()(x), x.relu())
+
+
+def test_head_pools_as_mean_does_and_hands_back_a_broadcast_gradient():
+    """The head's average pooling: mean's values and gradient, but the gradient reaches the
+    spikes as a broadcast view instead of a new tensor laid out contiguous (which the neuron
+    before it would copy back to its channels-last layout)."""
+    torch.manual_seed(0)
+    head = Head(6, 3)
+    x = torch.rand(12, 6, 5, 5).contiguous(memory_format=torch.channels_last).unflatten(0, (2, 6))
+    x.requires_grad_()
+    out = head(x)
+    assert torch.equal(out, head.fc(x.mean(dim=(-2, -1))))
+    grad = torch.autograd.grad(out.sum(), x)[0]
+    assert grad.stride()[-2:] == (0, 0)
+    assert torch.equal(grad, torch.autograd.grad(head.fc(x.mean(dim=(-2, -1))).sum(), x)[0])

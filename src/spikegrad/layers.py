@@ -360,5 +360,6 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: [T, B, C, H, W]`` -> ``[T, B, num_classes]``."""
-        x = x.mean(dim=(-2, -1))
+        x = x.sum(dim=(-2, -1)) / (x.shape[-2] * x.shape[-1])  # mean's values; its backward is
+        # a broadcast view instead of a new tensor laid out contiguous whatever x's layout
         return self.fc(x if self.hidden is None else self.hidden(x))

@@ -200,8 +200,16 @@ def is_spikes(t: Tensor) -> bool:
 
 def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``t.contiguous(memory_format=...)`` that keeps a spike mark: the copy of marked spikes
-    is marked too, so the layer that saves it still saves bits."""
+    is marked too, so the layer that saves it still saves bits.
+
+    A 4-d ``t`` asked to be channels-last that already is, but with strides that read as
+    contiguous too (one channel, as a grey image has), gets a channels-last stride for the
+    channel (a view of the same memory): oneDNN lays a convolution's output out as its
+    input's strides suggest, and would otherwise write it contiguous."""
     out = t.contiguous(memory_format=memory_format)
+    if (memory_format is torch.channels_last and out is t and t.dim() == 4 and t.shape[1] == 1
+            and t.stride(1) != 1):
+        return t.as_strided(t.shape, (t.stride(0), 1, t.stride(2), t.stride(3)), t.storage_offset())
     active = _active()
     if out is not t and active is not None and active.mark_of(t) is not None:
         mark_spikes(out)
