@@ -229,6 +229,8 @@ def test_relayout_gives_a_one_channel_image_channels_last_strides_so_the_conv_ou
     viewed = memory.relayout(image, torch.channels_last)
     assert viewed.stride() == (144, 1, 12, 1) and viewed.data_ptr() == image.data_ptr()
     assert torch.equal(viewed, image)
+    tail = memory.relayout(image[1:], torch.channels_last)  # a view with a storage offset keeps it
+    assert tail.data_ptr() == image[1:].data_ptr() and torch.equal(tail, image[1:])
     conv = Conv2d(1, 8, 3, padding=1, bias=False)
     conv.channels_last = True
     out = conv(image)

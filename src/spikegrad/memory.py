@@ -208,8 +208,8 @@ def relayout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     input's strides suggest, and would otherwise write it contiguous."""
     out = t.contiguous(memory_format=memory_format)
     if (memory_format is torch.channels_last and out is t and t.dim() == 4 and t.shape[1] == 1
-            and t.stride(1) != 1):
-        return t.as_strided(t.shape, (t.stride(0), 1, t.stride(2), t.stride(3)), t.storage_offset())
+            and t.stride(1) != 1 and not torch.compiler.is_compiling()):  # inductor lays out its own
+        return t.as_strided(t.shape, (t.stride(0), 1, t.stride(2), t.stride(3)))
     active = _active()
     if out is not t and active is not None and active.mark_of(t) is not None:
         mark_spikes(out)
