@@ -1,5 +1,6 @@
 """The main job through the CLI: a short run on a subset of the embedded data."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,39 @@ def test_plain_progress_lines_when_stderr_is_no_terminal(tmp_path):
     assert [line.split(":")[0] for line in steps] == ["epoch 1/1 step 1/4", "epoch 1/1 step 2/4",
                                                       "epoch 1/1 step 3/4"]
     assert "\r" not in proc.stderr
+
+
+_FAULTS_AFTER_COMMAND = """
+import contextlib, io, resource, torch
+from spikegrad.cli import main
+with contextlib.redirect_stdout(io.StringIO()):
+    main(["list", "models"])
+for _ in range(2):  # 64 MiB, mapped afresh by malloc each time
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(16 * 2**20).fill_(1)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "absent"
+    return text.split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(_thp_mode() not in ("always", "madvise"), reason="no transparent huge pages here")
+def test_the_command_backs_large_tensors_with_huge_pages_unless_told_not_to():
+    """The command turns on PyTorch's THP_MEM_ALLOC_ENABLE before torch allocates: a 64 MiB
+    tensor then faults about once per 2 MiB huge page instead of on each of its 16,384 small
+    pages. An explicit 0 in the environment is kept."""
+    def faults(env_value: str | None) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if env_value is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = env_value
+        done = subprocess.run([sys.executable, "-c", _FAULTS_AFTER_COMMAND], capture_output=True,
+                              text=True, env=env, check=True)
+        return int(done.stdout.split()[-1])
+    assert faults(None) < 4_000
+    assert faults("0") > 16_000
