@@ -122,7 +122,7 @@ def supported_limits(shapes: list[ConvShape], densities: list[float], t: dict[tu
     can send there (kernels larger than 1x1, both channel counts >= ``spike_conv.MIN_CHANNELS``);
     0 when none, or no shape is eligible: what ``spike_conv.MAX_DENSITY`` for this CPU
     kind may be set to."""
-    eligible = [s for s in shapes if s.kernel > 1 and min(s.c_in, s.c_out) >= spike_conv.MIN_CHANNELS]
+    eligible = [s for s in shapes if spike_conv.eligible((s.kernel, s.kernel), s.c_in, s.c_out)]
     limits = {"forward": 0.0, "weight": 0.0}
     for product in limits if eligible else ():
         for d in sorted(densities):
@@ -155,8 +155,9 @@ def report(counts: Counter, init: dict[ConvShape, float], densities: list[float]
                      + min(t[(s, d, "weight")], t[(s, d, "spike weight")]))
         lines.append(f"| {d:g} | {dense:.0f} | {bound:.0f} | {best:.0f} | {dense / best:.2f} |")
     limits = supported_limits(list(counts), densities, t)
-    lines += ["", f"Limits this run supports (`spike_conv.MAX_DENSITY[{layers.cpu_kind()!r}]`, now "
-              f"{spike_conv.MAX_DENSITY.get(layers.cpu_kind(), spike_conv.MAX_DENSITY['other'])}): "
+    kind = layers.cpu_kind()
+    lines += ["", f"Limits this run supports (`spike_conv.MAX_DENSITY[{kind!r}]`, now "
+              f"{spike_conv.limits_for(kind)}): "
               f"forward {limits['forward']:g}, weight {limits['weight']:g} (the largest density measured up to "
               f"which every convolution with a kernel over 1x1 and at least {spike_conv.MIN_CHANNELS} channels "
               f"each side was at least {MARGIN:g} x faster on the spike path)."]

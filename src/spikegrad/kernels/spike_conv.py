@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from .. import memory
 
 __all__ = ["MODES", "MAX_DENSITY", "MIN_CHANNELS", "Plan", "library", "available", "spike_count", "forward",
-           "weight_grad", "plan_for", "conv2d"]
+           "weight_grad", "eligible", "limits_for", "plan_for", "conv2d"]
 
 MODES = ("auto", "on", "off")  # layers.Conv2d.spike_conv: the rule, always (spike inputs), never
 
@@ -210,6 +210,17 @@ def _fits(spikes: Tensor) -> bool:
     return C < 2**16 and max(H, W) < 2**15 and N * H * W < 2**31
 
 
+def eligible(kernel: tuple[int, int], c_in: int, c_out: int) -> bool:
+    """Whether ``auto`` may send a convolution to the spike path at all: a kernel larger
+    than 1x1 and at least ``MIN_CHANNELS`` input and output channels."""
+    return tuple(kernel) != (1, 1) and min(c_in, c_out) >= MIN_CHANNELS
+
+
+def limits_for(kind: str) -> dict[str, float]:
+    """``MAX_DENSITY`` of CPU kind ``kind`` (``"other"``'s for a kind not listed)."""
+    return MAX_DENSITY.get(kind, MAX_DENSITY["other"])
+
+
 def plan_for(spikes: Tensor, weight: Tensor, mode: str, kind: str) -> Plan | None:
     """Which products of ``conv2d(spikes, weight)`` take the spike path, or None for none.
 
@@ -225,9 +236,9 @@ def plan_for(spikes: Tensor, weight: Tensor, mode: str, kind: str) -> Plan | Non
     if mode == "on":
         _lib()
         return Plan(True, True)
-    limits = MAX_DENSITY.get(kind, MAX_DENSITY["other"])
-    if (tuple(weight.shape[-2:]) == (1, 1) or min(weight.shape[:2]) < MIN_CHANNELS
-            or max(limits.values()) <= 0 or not available()):
+    limits = limits_for(kind)
+    if not eligible(weight.shape[-2:], weight.shape[1], weight.shape[0]) or max(limits.values()) <= 0 \
+            or not available():
         return None
     density = spike_count(spikes) / max(1, spikes.numel())
     plan = Plan(density <= limits["forward"], density <= limits["weight"])
