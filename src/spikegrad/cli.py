@@ -358,8 +358,8 @@ def _is_allocation_error(err: BaseException) -> bool:
 
 # PyTorch's own switch: CPU tensors of 2 MiB and more are backed by transparent huge pages
 # (madvise), so a large tensor mapped afresh faults once per 2 MiB instead of once per 4 KiB:
-# a CIFAR ResNet-18 step at T=4 made ~27,000 page faults instead of ~265,000, ran ~7% faster
-# and peaked 11% lower on an AMD host (docs/performance.md, changelog 2026-12-02). The
+# a CIFAR ResNet-18 step at T=4 made ~28,000 page faults instead of ~265,000, ran ~8% faster
+# and peaked 11-16% lower on an AMD host (docs/performance.md, changelog 2026-12-02). The
 # command sets it unless the environment already does ("0" turns it off).
 HUGE_PAGES = ("THP_MEM_ALLOC_ENABLE", "1")
 
